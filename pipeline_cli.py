@@ -1,0 +1,127 @@
+"""The `pipeline` command: parse, validate the config, call one stage's main(config).
+
+Heavy imports (torch, vLLM, DeepSpeed) happen inside the commands so `--help` stays instant.
+A PipelineError (bad input, bad config, mismatched cache) prints as one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from shared.config import PipelineConfig, load_config
+from shared.errors import PipelineError
+
+app = typer.Typer(
+    help="Distil empathetic dialogue from a teacher LLM (vLLM) into a small student (DeepSpeed).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", help="YAML file of named pipelines.")]
+PipelineOpt = Annotated[str, typer.Option("--pipeline", help="Which pipeline of the config to use.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config key, e.g. --set teacher_cache.top_k=10 (repeatable)."),
+]
+
+
+def _config(config: Path, pipeline: str, overrides: list[str] | None, extra: list[str]) -> PipelineConfig:
+    return load_config(config, pipeline, [*(overrides or []), *extra])
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(1)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    typer.echo(f"\n{title}")
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        typer.echo(f"  {key.replace('_', ' '):<{width}}  {value}")
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    config: ConfigOpt = Path("pipelines.yaml"),
+    pipeline: PipelineOpt = "demo",
+    set_: SetOpt = None,
+    input_: Annotated[
+        Optional[list[Path]],
+        typer.Option("--input", help="Input file (ED release CSV, Welivita & Pu CSV, or JSONL); repeatable."),
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Cache folder (shards + manifest).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many new examples this run.")] = None,
+    format_: Annotated[
+        Optional[str], typer.Option("--format", help="Force the input format: ed_csv, wp_csv or jsonl.")
+    ] = None,
+) -> None:
+    """Run the teacher over dialogues and write Parquet shards with its reasoning, reply, top-k
+    log-probabilities and features. Rerunnable: finished examples are skipped."""
+    extra = []
+    if input_:
+        extra.append("teacher_cache.inputs=" + json.dumps([str(p.resolve()) for p in input_]))
+    if output:
+        extra.append(f"teacher_cache.output={json.dumps(str(output.resolve()))}")
+    if limit is not None:
+        extra.append(f"teacher_cache.limit={limit}")
+    if format_:
+        extra.append(f"teacher_cache.format={format_}")
+    try:
+        cfg = _config(config, pipeline, set_, extra)
+        from stage1_teacher.teacher_cache import main
+
+        summary = main(cfg)
+    except PipelineError as e:
+        _fail(e)
+    _print_summary("teacher-cache summary", summary)
+
+
+@app.command("inspect")
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="A teacher-cache folder.")],
+) -> None:
+    """What a teacher cache holds: examples by source and emotion, reply tokens, rejects by reason,
+    teacher emotion agreement with the gold label."""
+    try:
+        from stage1_teacher.inspect_cache import main
+
+        typer.echo(main(folder))
+    except PipelineError as e:
+        _fail(e)
+
+
+def _not_yet(name: str, issue: int) -> None:
+    _fail(PipelineError(f"`pipeline {name}` is not available yet (tracked in issue {issue})"))
+
+
+@app.command("distill")
+def distill(config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None) -> None:
+    """Train the student under DeepSpeed from teacher shards (not available yet)."""
+    _not_yet("distill", 3)
+
+
+@app.command("evaluate")
+def evaluate(config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None) -> None:
+    """Compare students, baselines and the teacher on held-out dialogues (not available yet)."""
+    _not_yet("evaluate", 4)
+
+
+@app.command("run")
+def run(config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None) -> None:
+    """Run a whole named pipeline: teacher-cache, distill, evaluate (not available yet)."""
+    _not_yet("run", 4)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What both stages agree on: config models, the shard schema and manifest, prompts, readers."""

@@ -1,0 +1,155 @@
+"""Validated configuration: one YAML file of named pipelines, dotted `--set` overrides, typed models.
+
+    cfg = load_config("pipelines.yaml", "demo", ["teacher_cache.top_k=10"])
+
+Every model rejects unknown keys and pydantic reports every problem at once; relative paths are
+resolved against the folder of the YAML file, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import PipelineError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Strict):
+    # A model folder. The embedded default's folders are built on first use (shared/models.py).
+    model: Path = Path("models/smollm2-135m-instruct")
+    # Passed as-is to vllm.LLM(...): engine settings are the engine's, not re-declared here.
+    # On the CPU backend gpu_memory_utilization is the share of *CPU* memory for the KV cache.
+    engine: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "dtype": "float32",
+            "enforce_eager": True,
+            "gpu_memory_utilization": 0.3,
+            "max_model_len": 2048,
+            "seed": 0,
+        }
+    )
+    max_new_tokens: int = Field(256, ge=1)
+    # Sampling temperature of the generation (0 = greedy). Stored log-probabilities are always
+    # the raw temperature-1 ones; distillation applies its own temperature in the loss.
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class StudentConfig(Strict):
+    model: Path = Path("models/smollm2-135m-student-6l")
+
+
+class TeacherCacheConfig(Strict):
+    inputs: list[Path] = Field(default_factory=lambda: [Path("data/demo/train.csv")])
+    format: Literal["auto", "ed_csv", "wp_csv", "jsonl"] = "auto"
+    split: Literal["train", "validation", "test"] | None = None  # None: from the file
+    future: bool = True  # give the teacher what the dialogue goes on to say (privileged)
+    output: Path = Path("runs/demo/teacher_cache")
+    limit: int | None = Field(None, ge=1)  # at most this many examples per run (new ones first)
+    top_k: int = Field(20, ge=1, le=1000)
+    shard_size: int = Field(64, ge=1)  # examples per shard: the unit of work and of resume
+    row_group_size: int = Field(16, ge=1)  # rows per Parquet row group: the reader's read unit
+    features: bool = True  # pooled teacher features for MMD (starts a second, pooling engine)
+    # Extra vllm.LLM settings for the pooling engine, on top of teacher.engine.
+    feature_engine: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillConfig(Strict):
+    shards: Path = Path("runs/demo/teacher_cache")
+    output: Path = Path("runs/demo/student")
+    method: Literal["pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"] = (
+        "pride"
+    )
+    max_steps: int = Field(200, ge=1)
+    deepspeed: Path = Path("configs/zero2.json")
+
+
+class PipelineConfig(Strict):
+    name: str = "demo"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    def resolve_paths(self, base: Path) -> PipelineConfig:
+        """Make every relative path absolute against `base` (the YAML file's folder)."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p).resolve()
+
+        data = self.model_copy(deep=True)
+        data.teacher.model = fix(data.teacher.model)
+        data.student.model = fix(data.student.model)
+        data.teacher_cache.inputs = [fix(p) for p in data.teacher_cache.inputs]
+        data.teacher_cache.output = fix(data.teacher_cache.output)
+        data.distill.shards = fix(data.distill.shards)
+        data.distill.output = fix(data.distill.output)
+        data.distill.deepspeed = fix(data.distill.deepspeed)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`10`, `true`, `[a]`)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise PipelineError(f"--set {assignment!r}: expected key=value, e.g. --set teacher_cache.top_k=10")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise PipelineError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  - {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str, pipeline: str = "demo", overrides: list[str] = ()) -> PipelineConfig:
+    """Read `pipelines.yaml`, pick one named pipeline, apply overrides, validate, resolve paths."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"config file {path} not found; pass --config PATH") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise PipelineError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    pipelines = doc.get("pipelines") if isinstance(doc, dict) else None
+    if not isinstance(pipelines, dict):
+        raise PipelineError(f"{path}: expected a top-level 'pipelines:' mapping of named pipelines")
+    if pipeline not in pipelines:
+        names = ", ".join(sorted(pipelines)) or "none"
+        raise PipelineError(f"{path}: no pipeline named {pipeline!r} (available: {names})")
+    raw = dict(pipelines[pipeline] or {})
+    raw.setdefault("name", pipeline)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise PipelineError(format_validation_error(e, f"{path} [{pipeline}]")) from None
+    return cfg.resolve_paths(path.resolve().parent)
+
+
+def write_resolved(cfg: PipelineConfig, folder: Path) -> Path:
+    """Write the fully resolved config beside an output, so every output says how it was made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "resolved_config.yaml"
+    target.write_text(cfg.to_yaml(), encoding="utf-8")
+    return target

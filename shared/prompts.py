@@ -1,0 +1,140 @@
+"""PRIDE's empathy-reasoning prompt (teacher) and the plain prompt (student): written once, hashed.
+
+The teacher sees the dialogue *and* the privileged notes and is asked to reason step by step
+(emotion, feelings, situation) before it replies. The answer is primed with "Emotion:" so even a
+small teacher keeps the structure; `parse_teacher_output` splits it and flags what it cannot parse.
+The student sees the dialogue only: privileged text reaches it through multi-source attention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+TEACHER_SYSTEM = (
+    "You are a warm, attentive listener. Before you answer, think step by step: name the "
+    "speaker's main emotion, describe their feelings, analyse their situation, then write a "
+    "short, caring reply."
+)
+
+TEACHER_USER = """{notes}Conversation:
+{dialogue}
+
+Answer with Emotion, Feelings, Situation and Reply."""
+
+NOTES_HEADER = "Private notes (for you only):\n"
+
+# One worked example in the chat history: a 135M teacher follows a shown format far more often
+# than a described one (measured by hand: 5 of 6 parseable answers against 1 of 4 without it).
+EXAMPLE_DIALOGUE = [{"role": "speaker", "text": "My best friend told me she's moving abroad."}]
+EXAMPLE_PRIVILEGED = {"situation": "My best friend is moving to another country next month."}
+EXAMPLE_ANSWER = (
+    "Emotion: sad\n"
+    "Feelings: They feel sad and a little abandoned, because someone close is leaving.\n"
+    "Situation: Their best friend is moving far away soon, so their daily support will change.\n"
+    "Reply: Oh, that's hard news. You two are so close, it makes sense that you feel sad. "
+    "Have you talked about how you'll stay in touch?"
+)
+
+# The assistant turn starts with this text, so the teacher's first token is already in the format.
+ANSWER_PREFIX = "Emotion:"
+# Generation stops at a blank line or when the teacher starts the format over.
+STOP = ["\n\n", "\nEmotion:"]
+
+STUDENT_SYSTEM = "You are a warm, attentive listener. Reply to the speaker with empathy."
+
+ROLE_NAMES = {"speaker": "Speaker", "listener": "Listener"}
+FIELDS = ("Emotion", "Feelings", "Situation", "Reply")
+_FIELD_RE = re.compile(r"^\s*\**\s*(Emotion|Feelings|Situation|Reply)\s*\**\s*:", re.I | re.M)
+
+
+def template_sha256() -> str:
+    """Hash of everything that shapes what the teacher sees; it goes into the manifest."""
+    parts = [TEACHER_SYSTEM, TEACHER_USER, NOTES_HEADER, EXAMPLE_ANSWER, ANSWER_PREFIX, *STOP]
+    parts += [render_dialogue(EXAMPLE_DIALOGUE), render_notes(EXAMPLE_PRIVILEGED)]
+    text = "\x00".join(parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def render_dialogue(dialogue: list[dict]) -> str:
+    return "\n".join(f"{ROLE_NAMES[t['role']]}: {t['text']}" for t in dialogue)
+
+
+def render_notes(privileged: dict[str, str]) -> str:
+    if not privileged:
+        return ""
+    lines = [f"- {name.replace('_', ' ').capitalize()}: {text}" for name, text in privileged.items()]
+    return NOTES_HEADER + "\n".join(lines) + "\n\n"
+
+
+def teacher_prompt(tokenizer, dialogue: list[dict], privileged: dict[str, str]) -> str:
+    """The full teacher prompt as text (chat template applied, answer primed)."""
+    def user(dialogue: list[dict], privileged: dict[str, str]) -> dict:
+        text = TEACHER_USER.format(notes=render_notes(privileged), dialogue=render_dialogue(dialogue))
+        return {"role": "user", "content": text}
+
+    messages = [
+        {"role": "system", "content": TEACHER_SYSTEM},
+        user(EXAMPLE_DIALOGUE, EXAMPLE_PRIVILEGED),
+        {"role": "assistant", "content": EXAMPLE_ANSWER},
+        user(dialogue, privileged),
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + ANSWER_PREFIX
+
+
+def student_prompt(tokenizer, dialogue: list[dict]) -> str:
+    """The student's input: the dialogue as chat turns (speaker = user, listener = assistant)."""
+    messages = [{"role": "system", "content": STUDENT_SYSTEM}]
+    for turn in dialogue:
+        role = "user" if turn["role"] == "speaker" else "assistant"
+        messages.append({"role": role, "content": turn["text"]})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class TeacherOutput:
+    emotion: str | None  # one lower-case word, or None
+    reasoning: str  # "Emotion: ...\nFeelings: ...\nSituation: ..." as the teacher wrote it
+    reply: str
+    reply_start: int  # character span of the reply inside the generated text
+    reply_end: int
+    parse_ok: bool  # False: the format was not followed; reply is a best-effort fallback
+
+
+def parse_teacher_output(generated: str) -> TeacherOutput:
+    """Split the teacher's answer (the text generated after ANSWER_PREFIX) into its parts.
+
+    Fallback when there is no usable "Reply:" field: everything after the first line is taken as
+    the reply (the first line is the primed emotion), and parse_ok is False so a consumer can drop
+    or down-weight the row. Nothing is silently discarded.
+    """
+    full = ANSWER_PREFIX + generated
+    offset = len(ANSWER_PREFIX)  # positions in `full` minus this = positions in `generated`
+    marks = [(m.group(1).capitalize(), m.start(), m.end()) for m in _FIELD_RE.finditer(full)]
+    emotion = None
+    if marks and marks[0][0] == "Emotion":
+        end = marks[1][1] if len(marks) > 1 else len(full)
+        words = re.findall(r"[A-Za-z]+", full[marks[0][2] : end])
+        emotion = words[0].lower() if words else None
+    reply_marks = [m for m in marks if m[0] == "Reply"]
+    if reply_marks:
+        _, start, end = reply_marks[0]
+        # The reply runs to the next field marker, if the teacher starts the format over.
+        later = [m[1] for m in marks if m[1] > start]
+        stop = later[0] if later else len(full)
+        body = full[end:stop]
+        lead = len(body) - len(body.lstrip())
+        reply = body.strip()
+        if reply:
+            first = end + lead - offset
+            reasoning = full[:start].strip()
+            return TeacherOutput(emotion, reasoning, reply, first, first + len(reply), True)
+    newline = full.find("\n")
+    start = newline + 1 if newline >= 0 else len(full)
+    body = full[start:]
+    lead = len(body) - len(body.lstrip())
+    first = max(start + lead - offset, 0)
+    reply = body.strip()
+    return TeacherOutput(emotion, full[:start].strip(), reply, first, first + len(reply), False)

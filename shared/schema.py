@@ -1,0 +1,192 @@
+"""The hand-off between the stages: the Parquet shard schema, the top-k encoding and the manifest.
+
+A cache folder holds `shard-NNNNN.parquet` files, `manifest.json` (rewritten atomically after each
+shard, so it always describes exactly the finished shards), `rejects.jsonl` and
+`resolved_config.yaml`. Shards are written under a temporary name and renamed when complete.
+
+Top-k encoding: for reply token t, `topk_token_ids[t]` holds the teacher's k most likely next-token
+ids (descending) and `topk_logprobs[t]` their raw log-probabilities (temperature 1, log-softmax over
+the full vocabulary), conditioned on `teacher_context_token_ids + response_token_ids[:t]`;
+`target_logprob[t]` is the log-probability of `response_token_ids[t]` itself.
+`teacher_features` is the teacher's last hidden state (final norm applied) at each reply position,
+L2-normalised per token, then averaged over the reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shared.errors import PipelineError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+SHARD_GLOB = "shard-*.parquet"
+
+_turn = pa.struct([("role", pa.string()), ("text", pa.string())])
+_media = pa.struct(
+    [("type", pa.string()), ("path", pa.string()), ("start", pa.float64()), ("end", pa.float64())]
+)
+_candidate = pa.struct([("name", pa.string()), ("text", pa.string()), ("rating", pa.float64())])
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("dialogue", pa.list_(_turn)),
+        ("privileged", pa.map_(pa.string(), pa.string())),
+        ("media", pa.list_(_media)),
+        ("emotion", pa.string()),
+        ("reference", pa.string()),
+        ("candidates", pa.list_(_candidate)),  # other rated replies (for preference pairs)
+        ("teacher_reasoning", pa.string()),
+        ("teacher_emotion", pa.string()),
+        ("teacher_response", pa.string()),
+        ("teacher_parse_ok", pa.bool_()),  # False: the teacher ignored the format (fallback reply)
+        ("teacher_finish_reason", pa.string()),  # "stop" or "length" (hit max_new_tokens)
+        ("teacher_context_token_ids", pa.list_(pa.int32())),  # all the teacher saw before the reply
+        ("response_token_ids", pa.list_(pa.int32())),
+        ("topk_token_ids", pa.list_(pa.list_(pa.int32()))),
+        ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+        ("target_logprob", pa.list_(pa.float32())),
+        ("teacher_features", pa.list_(pa.float32())),
+    ]
+)
+
+# Settings that must agree between every shard of one cache folder (and with the consumer).
+SETTING_KEYS = (
+    "schema_version",
+    "teacher_weights_sha256",
+    "tokenizer_fingerprint",
+    "vocab_size",
+    "top_k",
+    "logprob_mode",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "prompt_template_sha256",
+    "feature_dim",
+)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_shard(
+    rows: list[dict[str, Any]], path: Path, row_group_size: int, metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Write rows as one shard under a temporary name, then rename; return its manifest entry.
+
+    `metadata` goes into the Parquet footer, so a shard renamed just before a kill (and so not yet
+    in the manifest) can still be checked and adopted by the next run."""
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA.with_metadata(metadata or {}))
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+    os.replace(tmp, path)
+    return {
+        "file": path.name,
+        "rows": table.num_rows,
+        "reply_tokens": int(sum(len(r["response_token_ids"]) for r in rows)),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path} is unreadable ({e}); delete the folder to start over") from None
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+def settings_mismatch(have: dict[str, Any], want: dict[str, Any], keys=SETTING_KEYS) -> list[str]:
+    """Human-readable differences between two settings dicts, over `keys`."""
+    return [f"{k} {have.get(k)!r} != {want.get(k)!r}" for k in keys if have.get(k) != want.get(k)]
+
+
+def verify_cache(
+    folder: Path,
+    *,
+    tokenizer_fingerprint: str | None = None,
+    vocab_size: int | None = None,
+    top_k: int | None = None,
+    check_checksums: bool = True,
+) -> dict[str, Any]:
+    """The consumer's check: refuse a cache that does not fit, naming the shard and what to do."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise PipelineError(
+            f"{folder} has no {MANIFEST}: not a teacher cache (run `pipeline teacher-cache` first)"
+        )
+    s = manifest.get("settings", {})
+    if s.get("schema_version") != SCHEMA_VERSION:
+        raise PipelineError(
+            f"{folder}: shard schema version {s.get('schema_version')} but this code reads "
+            f"{SCHEMA_VERSION}; rebuild the cache with this version of `pipeline teacher-cache`"
+        )
+    if tokenizer_fingerprint is not None and s.get("tokenizer_fingerprint") != tokenizer_fingerprint:
+        raise PipelineError(
+            f"{folder}: the teacher's tokenizer ({s.get('tokenizer_fingerprint')}) differs from the "
+            f"student's ({tokenizer_fingerprint}); logit-level distillation needs the same tokenizer"
+        )
+    if vocab_size is not None and s.get("vocab_size") != vocab_size:
+        raise PipelineError(
+            f"{folder}: cache vocabulary {s.get('vocab_size')} != student vocabulary {vocab_size}"
+        )
+    if top_k is not None and s.get("top_k") != top_k:
+        raise PipelineError(
+            f"{folder}: cache has top-k {s.get('top_k')} but {top_k} was asked for; "
+            "set the same k or rebuild the cache"
+        )
+    for entry in manifest.get("shards", []):
+        path = folder / entry["file"]
+        if not path.exists():
+            raise PipelineError(f"{path}: listed in the manifest but missing; rerun teacher-cache")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise PipelineError(f"{path}: unreadable shard ({e}); delete it and rerun") from None
+        if rows != entry["rows"]:
+            raise PipelineError(f"{path}: {rows} rows but the manifest says {entry['rows']}")
+        if check_checksums and file_sha256(path) != entry["sha256"]:
+            raise PipelineError(
+                f"{path}: checksum differs from the manifest (changed or corrupt); "
+                "delete it and rerun teacher-cache to rebuild it"
+            )
+    return manifest
+
+
+def topk_arrays(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one row's top-k columns into dense [T, K] arrays (ids int64, logprobs float32)."""
+    k = len(row["topk_token_ids"][0]) if row["topk_token_ids"] else 0
+    ids = np.asarray(row["topk_token_ids"], dtype=np.int64).reshape(-1, k)
+    lps = np.asarray(row["topk_logprobs"], dtype=np.float32).reshape(-1, k)
+    return ids, lps

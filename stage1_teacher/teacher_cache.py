@@ -1,0 +1,331 @@
+"""Stage one: dialogues in, teacher shards out.
+
+    pipeline teacher-cache --pipeline demo                 # the embedded default
+    pipeline teacher-cache --input more.jsonl --output runs/demo/teacher_cache
+
+The teacher (served by vLLM's offline engine) answers every example with PRIDE's empathy-reasoning
+prompt. From the same generation we keep, for each reply token, the teacher's raw top-k next-token
+log-probabilities and the log-probability of the token itself: the reply was generated right after
+exactly the context we store, so no second scoring pass is needed. A second, pooling engine over the
+same weights gives the hidden states from which the reply's feature vector (for MMD) is pooled.
+
+Work unit = one shard of `shard_size` examples. A rerun reads the inputs again, skips every
+example_id already in a finished shard, and starts no engine when nothing is left to do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from shared import prompts
+from shared.config import PipelineConfig, write_resolved
+from shared.errors import PipelineError
+from shared.models import ensure_model, load_tokenizer, model_sha256, tokenizer_fingerprint
+from shared.readers import Example, Reject, read_examples
+from shared.schema import (
+    REJECTS,
+    SCHEMA_VERSION,
+    SHARD_GLOB,
+    atomic_write_text,
+    read_manifest,
+    settings_mismatch,
+    write_manifest,
+    write_shard,
+)
+
+# ----------------------------------------------------------------------------- setup
+
+
+def read_inputs(cfg: PipelineConfig) -> tuple[list[Example], list[Reject]]:
+    tc = cfg.teacher_cache
+    fmt = None if tc.format == "auto" else tc.format
+    examples, rejects = [], []
+    for path in tc.inputs:
+        ex, rej = read_examples(Path(path), fmt, future=tc.future, split=tc.split)
+        examples += ex
+        rejects += rej
+    return examples, rejects
+
+
+def cache_settings(cfg: PipelineConfig, tokenizer, feature_dim: int | None) -> dict[str, Any]:
+    """What every shard of this cache shares; a rerun with other settings is refused."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "teacher_weights_sha256": model_sha256(cfg.teacher.model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "top_k": cfg.teacher_cache.top_k,
+        "logprob_mode": "raw_logprobs",  # log-softmax of the unprocessed logits (temperature 1)
+        "temperature": cfg.teacher.temperature,
+        "top_p": cfg.teacher.top_p,
+        "max_new_tokens": cfg.teacher.max_new_tokens,
+        "prompt_template_sha256": prompts.template_sha256(),
+        "feature_dim": feature_dim,
+    }
+
+
+def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> set[str]:
+    """example_ids already in finished shards; shards renamed but not yet in the manifest (a kill
+    between the two steps) are adopted after checking they were made with the same settings."""
+    import pyarrow.parquet as pq
+
+    from shared.schema import file_sha256
+
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()  # half-written by a killed run
+    listed = {e["file"] for e in manifest["shards"]} if manifest else set()
+    for path in sorted(out.glob(SHARD_GLOB)):
+        if path.name in listed:
+            continue
+        meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+        shard_settings = json.loads(meta.get(b"pipeline_settings", b"{}"))
+        if settings_mismatch(shard_settings, settings):
+            raise PipelineError(f"{path} was made with other settings; delete it or use a new --output")
+        manifest["shards"].append(
+            {
+                "file": path.name,
+                "rows": pq.ParquetFile(path).metadata.num_rows,
+                "reply_tokens": sum(map(len, pq.read_table(path, columns=["response_token_ids"])[0].to_pylist())),
+                "bytes": path.stat().st_size,
+                "sha256": file_sha256(path),
+            }
+        )
+    ids: set[str] = set()
+    for entry in manifest["shards"] if manifest else []:
+        ids.update(pq.read_table(out / entry["file"], columns=["example_id"])[0].to_pylist())
+    return ids
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def start_engines(cfg: PipelineConfig):
+    """The generation engine, and (if features are on) a pooling engine over the same weights."""
+    from vllm import LLM
+    from vllm.config import PoolerConfig
+
+    engine = dict(cfg.teacher.engine)
+    engine["max_logprobs"] = max(engine.get("max_logprobs", 20), cfg.teacher_cache.top_k)
+    gen = LLM(str(cfg.teacher.model), **engine)
+    pool = None
+    if cfg.teacher_cache.features:
+        pool_engine = {**cfg.teacher.engine, **cfg.teacher_cache.feature_engine}
+        pool = LLM(
+            str(cfg.teacher.model),
+            runner="pooling",
+            convert="embed",
+            pooler_config=PoolerConfig(task="token_embed"),
+            **pool_engine,
+        )
+    return gen, pool
+
+
+def reply_token_span(tokenizer, gen_ids: list[int], start: int, end: int) -> tuple[int, int]:
+    """Token indices [i0, i1) of the generated ids that cover characters [start, end) of their
+    decoded text. A token that straddles `start` (" That" when the reply text starts at "That")
+    belongs to the reply."""
+    lengths = [len(tokenizer.decode(gen_ids[:i], skip_special_tokens=True)) for i in range(len(gen_ids) + 1)]
+    i0 = next((i for i in range(len(gen_ids)) if lengths[i + 1] > start), len(gen_ids))
+    i1 = next((i for i in range(i0, len(gen_ids) + 1) if lengths[i] >= end), len(gen_ids))
+    return i0, max(i1, i0)
+
+
+def topk_entry(logprobs: dict, token_id: int, k: int) -> tuple[list[int], list[float], float]:
+    """vLLM's per-position dict {token_id: Logprob} holds the top k plus the sampled token (when it
+    is outside them); split it into the top-k lists and the sampled token's log-probability."""
+    ranked = sorted(logprobs.items(), key=lambda kv: kv[1].rank)[:k]
+    return [t for t, _ in ranked], [lp.logprob for _, lp in ranked], logprobs[token_id].logprob
+
+
+def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Example, list[int]]]):
+    """Run the teacher over one shard's examples; return shard rows and the generated token count."""
+    from vllm import SamplingParams
+
+    k = cfg.teacher_cache.top_k
+    params = SamplingParams(
+        temperature=cfg.teacher.temperature,
+        top_p=cfg.teacher.top_p,
+        max_tokens=cfg.teacher.max_new_tokens,
+        logprobs=k,
+        stop=prompts.STOP,
+        seed=cfg.teacher.engine.get("seed"),
+    )
+    outs = gen.generate([{"prompt_token_ids": ids} for _, ids in batch], params, use_tqdm=False)
+    rows, generated, sequences = [], 0, []
+    for (ex, prompt_ids), out in zip(batch, outs):
+        c = out.outputs[0]
+        gen_ids = list(c.token_ids)
+        generated += len(gen_ids)
+        # Parse the decoded ids (not c.text, which drops the stop string) so character offsets
+        # line up with token boundaries.
+        parsed = prompts.parse_teacher_output(tokenizer.decode(gen_ids, skip_special_tokens=True))
+        i0, i1 = reply_token_span(tokenizer, gen_ids, parsed.reply_start, parsed.reply_end)
+        if i1 == len(gen_ids) - 1 and gen_ids[-1] == tokenizer.eos_token_id:
+            i1 += 1  # the reply ran to the end of turn: keep it, so the student learns to stop
+        topk = [topk_entry(c.logprobs[j], gen_ids[j], k) for j in range(i0, i1)]
+        context = prompt_ids + gen_ids[:i0]
+        sequences.append((context, gen_ids[i0:i1]))
+        rows.append(
+            {
+                **{f: getattr(ex, f) for f in ("example_id", "source", "split", "dialogue", "emotion", "reference")},
+                "privileged": list(ex.privileged.items()),
+                "media": ex.media,
+                "candidates": ex.candidates,
+                "teacher_reasoning": parsed.reasoning,
+                "teacher_emotion": parsed.emotion,
+                "teacher_response": parsed.reply,
+                "teacher_parse_ok": parsed.parse_ok,
+                "teacher_finish_reason": c.finish_reason,
+                "teacher_context_token_ids": context,
+                "response_token_ids": gen_ids[i0:i1],
+                "topk_token_ids": [t[0] for t in topk],
+                "topk_logprobs": [t[1] for t in topk],
+                "target_logprob": [t[2] for t in topk],
+                "teacher_features": [],
+            }
+        )
+    if pool is not None:
+        for row, feats in zip(rows, pooled_features(pool, sequences)):
+            row["teacher_features"] = feats
+    return rows, generated
+
+
+def pooled_features(pool, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+    """Mean of the per-token (L2-normalised) last hidden states over the reply positions; the last
+    context position stands in for an empty reply."""
+    outs = pool.encode(
+        [{"prompt_token_ids": ctx + reply} for ctx, reply in sequences],
+        pooling_task="token_embed",
+        use_tqdm=False,
+    )
+    feats = []
+    for (ctx, reply), out in zip(sequences, outs):
+        states = out.outputs.data  # [tokens, hidden]
+        span = states[len(ctx) : len(ctx) + len(reply)] if reply else states[len(ctx) - 1 :][:1]
+        feats.append(span.float().mean(dim=0).tolist())
+    return feats
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    t_start = time.time()
+    tc = cfg.teacher_cache
+    out = tc.output
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+
+    examples, rejects = read_inputs(cfg)
+    n_read = len(examples) + len(rejects)
+    ensure_model(cfg.teacher.model)
+    tokenizer = load_tokenizer(cfg.teacher.model)
+    feature_dim = None
+    if tc.features:
+        from transformers import AutoConfig
+
+        feature_dim = AutoConfig.from_pretrained(cfg.teacher.model).hidden_size
+    settings = cache_settings(cfg, tokenizer, feature_dim)
+
+    manifest = read_manifest(out)
+    if manifest is not None:
+        diff = settings_mismatch(manifest["settings"], settings)
+        if diff:
+            raise PipelineError(
+                f"{out} holds a cache made with other settings ({'; '.join(diff)}); "
+                "use a new --output, or delete the folder to rebuild it"
+            )
+    else:
+        manifest = {"settings": settings, "teacher_model": str(cfg.teacher.model), "shards": []}
+    done = finished_ids(out, manifest, settings)
+
+    # Prompts are rendered up front: a dialogue that cannot fit the teacher's context is a reject.
+    max_len = cfg.teacher.engine.get("max_model_len", 2048)
+    pending: list[tuple[Example, list[int]]] = []
+    seen, duplicates, already = set(done), 0, 0
+    for ex in examples:
+        if ex.example_id in seen:
+            already += ex.example_id in done
+            duplicates += ex.example_id not in done
+            continue
+        seen.add(ex.example_id)
+        ids = tokenizer(prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged), add_special_tokens=False)["input_ids"]
+        if len(ids) + cfg.teacher.max_new_tokens > max_len:
+            rejects.append(
+                Reject(ex.origin, f"dialogue too long: {len(ids)} prompt tokens + {cfg.teacher.max_new_tokens} "
+                       f"reply tokens > max_model_len {max_len}", json.dumps(ex.dialogue)[:500])
+            )
+            continue
+        pending.append((ex, ids))
+    n_too_long = len(rejects) - (n_read - len(examples))
+    deferred = 0
+    if tc.limit is not None:
+        deferred = max(len(pending) - tc.limit, 0)
+        pending = pending[: tc.limit]
+
+    generated, new_shards, t_teacher = 0, [], 0.0
+    if pending:
+        print(f"{len(pending)} new examples for the teacher ({already} already cached)", flush=True)
+        t0 = time.time()
+        gen, pool = start_engines(cfg)
+        next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
+        bar = tqdm(total=len(pending), desc="teacher", unit="ex")
+        for start in range(0, len(pending), tc.shard_size):
+            rows, n_gen = teacher_rows(cfg, tokenizer, gen, pool, pending[start : start + tc.shard_size])
+            generated += n_gen
+            path = out / f"shard-{next_index:05d}.parquet"
+            entry = write_shard(rows, path, tc.row_group_size, metadata={"pipeline_settings": json.dumps(settings)})
+            manifest["shards"].append(entry)
+            write_manifest(out, manifest)  # after every shard: a kill loses at most the shard in flight
+            new_shards.append(entry)
+            next_index += 1
+            bar.update(len(rows))
+            bar.set_postfix(shards=len(new_shards), tok_s=f"{generated / (time.time() - t0):.0f}")
+        bar.close()
+        t_teacher = time.time() - t0
+
+    write_rejects(out, rejects)
+    manifest["rows"] = sum(e["rows"] for e in manifest["shards"])
+    write_manifest(out, manifest)
+    total_bytes = sum(e["bytes"] for e in manifest["shards"])
+    total_tokens = sum(e["reply_tokens"] for e in manifest["shards"])
+    summary = {
+        "examples_read": n_read,
+        "accepted": len(examples) - n_too_long,
+        "rejected": len(rejects),
+        "duplicates_in_inputs": duplicates,
+        "already_cached": already,
+        "deferred_by_limit": deferred,
+        "new_examples": sum(e["rows"] for e in new_shards),
+        "new_shards": len(new_shards),
+        "shards": len(manifest["shards"]),
+        "rows": manifest["rows"],
+        "reply_tokens": total_tokens,
+        "bytes_per_reply_token": round(total_bytes / total_tokens, 1) if total_tokens else None,
+        "generated_tokens": generated,
+        "teacher_seconds": round(t_teacher, 1),
+        "tokens_per_second": round(generated / t_teacher, 1) if t_teacher else None,
+        "wall_seconds": round(time.time() - t_start, 1),
+        "output": str(out),
+    }
+    return summary
+
+
+def write_rejects(out: Path, rejects: list[Reject]) -> None:
+    """Rejects of every run into this folder, once each (a rerun reads the same bad records)."""
+    path = out / REJECTS
+    kept: dict[tuple[str, str], dict] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                kept[(r["origin"], r["reason"])] = r
+    for r in rejects:
+        kept.setdefault((r.origin, r.reason), asdict(r))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.values()))
