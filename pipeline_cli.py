@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,14 +24,20 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[Path, typer.Option("--config", help="YAML file of named pipelines.")]
-PipelineOpt = Annotated[str, typer.Option("--pipeline", help="Which pipeline of the config to use.")]
+PipelineOpt = Annotated[
+    str, typer.Option("--pipeline", help="Which pipeline of the config to use.")
+]
 SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a config key, e.g. --set teacher_cache.top_k=10 (repeatable)."),
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a config key, e.g. --set teacher_cache.top_k=10 (repeatable)."
+    ),
 ]
 
 
-def _config(config: Path, pipeline: str, overrides: list[str] | None, extra: list[str]) -> PipelineConfig:
+def _config(
+    config: Path, pipeline: str, overrides: list[str] | None, extra: list[str]
+) -> PipelineConfig:
     return load_config(config, pipeline, [*(overrides or []), *extra])
 
 
@@ -53,13 +59,18 @@ def teacher_cache(
     pipeline: PipelineOpt = "demo",
     set_: SetOpt = None,
     input_: Annotated[
-        Optional[list[Path]],
-        typer.Option("--input", help="Input file (ED release CSV, Welivita & Pu CSV, or JSONL); repeatable."),
+        list[Path] | None,
+        typer.Option(
+            "--input", help="Input file (ED release CSV, Welivita & Pu CSV, or JSONL); repeatable."
+        ),
     ] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Cache folder (shards + manifest).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="At most this many new examples this run.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Cache folder (shards + manifest).")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many new examples this run.")
+    ] = None,
     format_: Annotated[
-        Optional[str], typer.Option("--format", help="Force the input format: ed_csv, wp_csv or jsonl.")
+        str | None,
+        typer.Option("--format", help="Force the input format: ed_csv, wp_csv or jsonl."),
     ] = None,
 ) -> None:
     """Run the teacher over dialogues and write Parquet shards with its reasoning, reply, top-k
@@ -102,19 +113,25 @@ def _not_yet(name: str, issue: int) -> None:
 
 
 @app.command("distill")
-def distill(config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None) -> None:
+def distill(
+    config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None
+) -> None:
     """Train the student under DeepSpeed from teacher shards (not available yet)."""
     _not_yet("distill", 3)
 
 
 @app.command("evaluate")
-def evaluate(config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None) -> None:
+def evaluate(
+    config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None
+) -> None:
     """Compare students, baselines and the teacher on held-out dialogues (not available yet)."""
     _not_yet("evaluate", 4)
 
 
 @app.command("run")
-def run(config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None) -> None:
+def run(
+    config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None
+) -> None:
     """Run a whole named pipeline: teacher-cache, distill, evaluate (not available yet)."""
     _not_yet("run", 4)
 

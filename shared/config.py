@@ -1,4 +1,4 @@
-"""Validated configuration: one YAML file of named pipelines, dotted `--set` overrides, typed models.
+"""Validated configuration: named pipelines in one YAML file, `--set` overrides, typed models.
 
     cfg = load_config("pipelines.yaml", "demo", ["teacher_cache.top_k=10"])
 
@@ -61,14 +61,48 @@ class TeacherCacheConfig(Strict):
     feature_engine: dict[str, Any] = Field(default_factory=dict)
 
 
+class LossWeights(Strict):
+    """Loss = ce * CE + kl * KL + mmd * MMD (KL is reverse for pride*, forward for kd)."""
+
+    ce: float = Field(1.0, ge=0.0)
+    kl: float = Field(1.0, ge=0.0)
+    mmd: float = Field(0.1, ge=0.0)
+
+
 class DistillConfig(Strict):
     shards: Path = Path("runs/demo/teacher_cache")
     output: Path = Path("runs/demo/student")
-    method: Literal["pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"] = (
-        "pride"
-    )
-    max_steps: int = Field(200, ge=1)
+    # pride = CE + reverse KL + MMD with multi-source attention; the rest are the paper's baselines
+    # (sft: CE on the dataset's reference; seqkd: CE on the teacher's reply; kd: CE + forward KL)
+    # and ablations (pride without privileged information, without MMD, without reverse KL).
+    method: Literal[
+        "pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"
+    ] = "pride"
+    max_steps: int = Field(200, ge=1)  # optimizer steps in total, across resumed runs
+    # A DeepSpeed config file (ZeRO stage, optimizer, clipping); batch sizes and the learning rate
+    # are filled in from the keys below, so one file serves every pipeline.
     deepspeed: Path = Path("configs/zero2.json")
+    micro_batch_size: int = Field(4, ge=1)  # examples per rank per forward pass
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)  # applied in the KL terms to the cached logprobs
+    weights: LossWeights = Field(default_factory=LossWeights)
+    # Multi-source attention: one gated cross-attention per source, after this decoder layer
+    # (None: the middle one). Sources absent from a row contribute nothing for that row.
+    privileged_sources: list[str] = Field(default_factory=lambda: ["situation", "future"])
+    privileged_dropout: float = Field(0.3, ge=0.0, le=1.0)  # drop each source per row, training
+    privileged_max_tokens: int = Field(128, ge=1)
+    attention_layer: int | None = Field(None, ge=0)
+    max_seq_len: int = Field(1024, ge=16)  # prompt is cut from the left to fit, reply kept
+    skip_unparsed: bool = False  # drop rows whose teacher answer did not follow the format
+    shuffle_buffer: int = Field(256, ge=1)  # rows in the shuffle buffer, per rank
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
+    keep_checkpoints: int = Field(2, ge=1)  # older checkpoints are deleted
+    fresh: bool = False  # ignore (and delete) checkpoints in `output`: start over
 
 
 class PipelineConfig(Strict):
@@ -99,10 +133,12 @@ class PipelineConfig(Strict):
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`10`, `true`, `[a]`)."""
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (10, true, [a])."""
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
-        raise PipelineError(f"--set {assignment!r}: expected key=value, e.g. --set teacher_cache.top_k=10")
+        raise PipelineError(
+            f"--set {assignment!r}: expected key=value, e.g. --set teacher_cache.top_k=10"
+        )
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -113,6 +149,15 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
 
 
+def _merge(base: dict[str, Any], over: Any) -> Any:
+    if not isinstance(over, dict):
+        return over
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(base[key], value) if isinstance(base.get(key), dict) else value
+    return merged
+
+
 def format_validation_error(err: ValidationError, where: str) -> str:
     lines = [f"{where}: {err.error_count()} problem(s) in the config:"]
     for e in err.errors():
@@ -121,7 +166,9 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: Path | str, pipeline: str = "demo", overrides: list[str] = ()) -> PipelineConfig:
+def load_config(
+    path: Path | str, pipeline: str = "demo", overrides: list[str] = ()
+) -> PipelineConfig:
     """Read `pipelines.yaml`, pick one named pipeline, apply overrides, validate, resolve paths."""
     path = Path(path)
     try:
@@ -136,8 +183,10 @@ def load_config(path: Path | str, pipeline: str = "demo", overrides: list[str] =
     if pipeline not in pipelines:
         names = ", ".join(sorted(pipelines)) or "none"
         raise PipelineError(f"{path}: no pipeline named {pipeline!r} (available: {names})")
-    raw = dict(pipelines[pipeline] or {})
-    raw.setdefault("name", pipeline)
+    # Start from the defaults, so a pipeline (or --set) that names one engine setting keeps the
+    # others; each key given replaces the default one.
+    raw = _merge(PipelineConfig().model_dump(mode="json"), pipelines[pipeline] or {})
+    raw["name"] = pipeline
     for assignment in overrides:
         apply_override(raw, assignment)
     try:

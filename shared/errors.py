@@ -1,4 +1,4 @@
-"""One error type for problems the user can fix: the CLI prints its message as one line, no traceback."""
+"""One error type for problems the user can fix: the CLI prints it as one line, no traceback."""
 
 
 class PipelineError(Exception):

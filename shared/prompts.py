@@ -46,7 +46,11 @@ STUDENT_SYSTEM = "You are a warm, attentive listener. Reply to the speaker with 
 
 ROLE_NAMES = {"speaker": "Speaker", "listener": "Listener"}
 FIELDS = ("Emotion", "Feelings", "Situation", "Reply")
-_FIELD_RE = re.compile(r"^\s*\**\s*(Emotion|Feelings|Situation|Reply)\s*\**\s*:", re.I | re.M)
+# A field marker at the start of a line, also in markdown bold: "Reply:", "**Reply:**", "**Reply**:"
+_FIELD_RE = re.compile(
+    r"^[ \t]*\**[ \t]*(Emotion|Feelings|Situation|Reply)[ \t]*(?::[ \t]*\**|\**[ \t]*:)",
+    re.I | re.M,
+)
 
 
 def template_sha256() -> str:
@@ -64,14 +68,19 @@ def render_dialogue(dialogue: list[dict]) -> str:
 def render_notes(privileged: dict[str, str]) -> str:
     if not privileged:
         return ""
-    lines = [f"- {name.replace('_', ' ').capitalize()}: {text}" for name, text in privileged.items()]
+    lines = [
+        f"- {name.replace('_', ' ').capitalize()}: {text}" for name, text in privileged.items()
+    ]
     return NOTES_HEADER + "\n".join(lines) + "\n\n"
 
 
 def teacher_prompt(tokenizer, dialogue: list[dict], privileged: dict[str, str]) -> str:
     """The full teacher prompt as text (chat template applied, answer primed)."""
+
     def user(dialogue: list[dict], privileged: dict[str, str]) -> dict:
-        text = TEACHER_USER.format(notes=render_notes(privileged), dialogue=render_dialogue(dialogue))
+        text = TEACHER_USER.format(
+            notes=render_notes(privileged), dialogue=render_dialogue(dialogue)
+        )
         return {"role": "user", "content": text}
 
     messages = [
@@ -116,7 +125,8 @@ def parse_teacher_output(generated: str) -> TeacherOutput:
     emotion = None
     if marks and marks[0][0] == "Emotion":
         end = marks[1][1] if len(marks) > 1 else len(full)
-        words = re.findall(r"[A-Za-z]+", full[marks[0][2] : end])
+        first_line = full[marks[0][2] : end].split("\n", 1)[0]
+        words = re.findall(r"[A-Za-z]+", first_line)
         emotion = words[0].lower() if words else None
     reply_marks = [m for m in marks if m[0] == "Reply"]
     if reply_marks:

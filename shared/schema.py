@@ -93,7 +93,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_shard(
-    rows: list[dict[str, Any]], path: Path, row_group_size: int, metadata: dict[str, str] | None = None
+    rows: list[dict[str, Any]],
+    path: Path,
+    row_group_size: int,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write rows as one shard under a temporary name, then rename; return its manifest entry.
 
@@ -119,7 +122,9 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path} is unreadable ({e}); delete the folder to start over") from None
+        raise PipelineError(
+            f"{path} is unreadable ({e}); delete the folder to start over"
+        ) from None
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -152,10 +157,13 @@ def verify_cache(
             f"{folder}: shard schema version {s.get('schema_version')} but this code reads "
             f"{SCHEMA_VERSION}; rebuild the cache with this version of `pipeline teacher-cache`"
         )
-    if tokenizer_fingerprint is not None and s.get("tokenizer_fingerprint") != tokenizer_fingerprint:
+    if (
+        tokenizer_fingerprint is not None
+        and s.get("tokenizer_fingerprint") != tokenizer_fingerprint
+    ):
         raise PipelineError(
-            f"{folder}: the teacher's tokenizer ({s.get('tokenizer_fingerprint')}) differs from the "
-            f"student's ({tokenizer_fingerprint}); logit-level distillation needs the same tokenizer"
+            f"{folder}: the teacher's tokenizer ({s.get('tokenizer_fingerprint')}) differs from "
+            f"the student's ({tokenizer_fingerprint}); logit-level losses need the same tokenizer"
         )
     if vocab_size is not None and s.get("vocab_size") != vocab_size:
         raise PipelineError(

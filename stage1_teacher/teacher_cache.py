@@ -86,12 +86,16 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
         meta = pq.ParquetFile(path).schema_arrow.metadata or {}
         shard_settings = json.loads(meta.get(b"pipeline_settings", b"{}"))
         if settings_mismatch(shard_settings, settings):
-            raise PipelineError(f"{path} was made with other settings; delete it or use a new --output")
+            raise PipelineError(
+                f"{path} was made with other settings; delete it or use a new --output"
+            )
         manifest["shards"].append(
             {
                 "file": path.name,
                 "rows": pq.ParquetFile(path).metadata.num_rows,
-                "reply_tokens": sum(map(len, pq.read_table(path, columns=["response_token_ids"])[0].to_pylist())),
+                "reply_tokens": sum(
+                    map(len, pq.read_table(path, columns=["response_token_ids"])[0].to_pylist())
+                ),
                 "bytes": path.stat().st_size,
                 "sha256": file_sha256(path),
             }
@@ -126,11 +130,22 @@ def start_engines(cfg: PipelineConfig):
     return gen, pool
 
 
+def stop_engines(*engines) -> None:
+    """Shut the engines' worker processes down now (their memory is freed before we return)."""
+    for llm in engines:
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+
 def reply_token_span(tokenizer, gen_ids: list[int], start: int, end: int) -> tuple[int, int]:
     """Token indices [i0, i1) of the generated ids that cover characters [start, end) of their
     decoded text. A token that straddles `start` (" That" when the reply text starts at "That")
     belongs to the reply."""
-    lengths = [len(tokenizer.decode(gen_ids[:i], skip_special_tokens=True)) for i in range(len(gen_ids) + 1)]
+    lengths = [
+        len(tokenizer.decode(gen_ids[:i], skip_special_tokens=True))
+        for i in range(len(gen_ids) + 1)
+    ]
     i0 = next((i for i in range(len(gen_ids)) if lengths[i + 1] > start), len(gen_ids))
     i1 = next((i for i in range(i0, len(gen_ids) + 1) if lengths[i] >= end), len(gen_ids))
     return i0, max(i1, i0)
@@ -144,7 +159,7 @@ def topk_entry(logprobs: dict, token_id: int, k: int) -> tuple[list[int], list[f
 
 
 def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Example, list[int]]]):
-    """Run the teacher over one shard's examples; return shard rows and the generated token count."""
+    """Run the teacher over one shard's examples; return the rows and the generated token count."""
     from vllm import SamplingParams
 
     k = cfg.teacher_cache.top_k
@@ -158,7 +173,7 @@ def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Ex
     )
     outs = gen.generate([{"prompt_token_ids": ids} for _, ids in batch], params, use_tqdm=False)
     rows, generated, sequences = [], 0, []
-    for (ex, prompt_ids), out in zip(batch, outs):
+    for (ex, prompt_ids), out in zip(batch, outs, strict=True):
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
         generated += len(gen_ids)
@@ -173,7 +188,10 @@ def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Ex
         sequences.append((context, gen_ids[i0:i1]))
         rows.append(
             {
-                **{f: getattr(ex, f) for f in ("example_id", "source", "split", "dialogue", "emotion", "reference")},
+                **{
+                    f: getattr(ex, f)
+                    for f in ("example_id", "source", "split", "dialogue", "emotion", "reference")
+                },
                 "privileged": list(ex.privileged.items()),
                 "media": ex.media,
                 "candidates": ex.candidates,
@@ -191,7 +209,7 @@ def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Ex
             }
         )
     if pool is not None:
-        for row, feats in zip(rows, pooled_features(pool, sequences)):
+        for row, feats in zip(rows, pooled_features(pool, sequences), strict=True):
             row["teacher_features"] = feats
     return rows, generated
 
@@ -205,7 +223,7 @@ def pooled_features(pool, sequences: list[tuple[list[int], list[int]]]) -> list[
         use_tqdm=False,
     )
     feats = []
-    for (ctx, reply), out in zip(sequences, outs):
+    for (ctx, reply), out in zip(sequences, outs, strict=True):
         states = out.outputs.data  # [tokens, hidden]
         span = states[len(ctx) : len(ctx) + len(reply)] if reply else states[len(ctx) - 1 :][:1]
         feats.append(span.float().mean(dim=0).tolist())
@@ -255,11 +273,17 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             duplicates += ex.example_id not in done
             continue
         seen.add(ex.example_id)
-        ids = tokenizer(prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(
+            prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged), add_special_tokens=False
+        )["input_ids"]
         if len(ids) + cfg.teacher.max_new_tokens > max_len:
             rejects.append(
-                Reject(ex.origin, f"dialogue too long: {len(ids)} prompt tokens + {cfg.teacher.max_new_tokens} "
-                       f"reply tokens > max_model_len {max_len}", json.dumps(ex.dialogue)[:500])
+                Reject(
+                    ex.origin,
+                    f"dialogue too long: {len(ids)} prompt tokens + {cfg.teacher.max_new_tokens} "
+                    f"reply tokens > max_model_len {max_len}",
+                    json.dumps(ex.dialogue)[:500],
+                )
             )
             continue
         pending.append((ex, ids))
@@ -269,26 +293,35 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         deferred = max(len(pending) - tc.limit, 0)
         pending = pending[: tc.limit]
 
-    generated, new_shards, t_teacher = 0, [], 0.0
+    generated, new_shards, t_teacher, t_startup = 0, [], 0.0, 0.0
     if pending:
         print(f"{len(pending)} new examples for the teacher ({already} already cached)", flush=True)
-        t0 = time.time()
+        t_engines = time.time()
         gen, pool = start_engines(cfg)
+        t0 = time.time()  # tokens/s counts teacher work, not engine start-up
         next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
         bar = tqdm(total=len(pending), desc="teacher", unit="ex")
         for start in range(0, len(pending), tc.shard_size):
-            rows, n_gen = teacher_rows(cfg, tokenizer, gen, pool, pending[start : start + tc.shard_size])
+            rows, n_gen = teacher_rows(
+                cfg, tokenizer, gen, pool, pending[start : start + tc.shard_size]
+            )
             generated += n_gen
             path = out / f"shard-{next_index:05d}.parquet"
-            entry = write_shard(rows, path, tc.row_group_size, metadata={"pipeline_settings": json.dumps(settings)})
+            entry = write_shard(
+                rows, path, tc.row_group_size, metadata={"pipeline_settings": json.dumps(settings)}
+            )
             manifest["shards"].append(entry)
-            write_manifest(out, manifest)  # after every shard: a kill loses at most the shard in flight
+            write_manifest(
+                out, manifest
+            )  # after every shard: a kill loses at most the shard in flight
             new_shards.append(entry)
             next_index += 1
             bar.update(len(rows))
             bar.set_postfix(shards=len(new_shards), tok_s=f"{generated / (time.time() - t0):.0f}")
         bar.close()
         t_teacher = time.time() - t0
+        stop_engines(gen, pool)
+        t_startup = t0 - t_engines
 
     write_rejects(out, rejects)
     manifest["rows"] = sum(e["rows"] for e in manifest["shards"])
@@ -309,6 +342,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "reply_tokens": total_tokens,
         "bytes_per_reply_token": round(total_bytes / total_tokens, 1) if total_tokens else None,
         "generated_tokens": generated,
+        "engine_startup_seconds": round(t_startup, 1),
         "teacher_seconds": round(t_teacher, 1),
         "tokens_per_second": round(generated / t_teacher, 1) if t_teacher else None,
         "wall_seconds": round(time.time() - t_start, 1),
@@ -328,4 +362,6 @@ def write_rejects(out: Path, rejects: list[Reject]) -> None:
                 kept[(r["origin"], r["reason"])] = r
     for r in rejects:
         kept.setdefault((r.origin, r.reason), asdict(r))
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.values()))
+    atomic_write_text(
+        path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.values())
+    )

@@ -1,0 +1,102 @@
+"""`pipeline inspect DIR`: what a teacher cache holds, computed lazily with polars.
+
+    pipeline inspect runs/demo/teacher_cache
+
+Only the small columns are scanned (never the top-k lists), so it stays quick on a large cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from shared.errors import PipelineError
+from shared.schema import REJECTS, read_manifest
+
+
+def _table(df: pl.DataFrame, title: str) -> str:
+    lines = [f"\n{title}"]
+    if df.height == 0:
+        return lines[0] + "\n  (none)"
+    cols = df.columns
+    width = [max(len(c), *(len(str(v)) for v in df[c])) for c in cols]
+    lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True)))
+    for row in df.iter_rows():
+        lines.append("  " + "  ".join(str(v).ljust(w) for v, w in zip(row, width, strict=True)))
+    return "\n".join(lines)
+
+
+def main(folder: Path) -> str:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise PipelineError(f"{folder} has no manifest.json: not a teacher cache")
+    files = [str(folder / e["file"]) for e in manifest["shards"]]
+    s = manifest["settings"]
+    out = [
+        f"cache {folder}",
+        f"  teacher {manifest.get('teacher_model')} (weights {s['teacher_weights_sha256'][:12]}), "
+        f"k={s['top_k']}, {len(files)} shards, {manifest.get('rows', 0)} rows, "
+        f"{sum(e['bytes'] for e in manifest['shards']) / 1e6:.1f} MB",
+    ]
+    if files:
+        lf = pl.scan_parquet(files).select(
+            "source",
+            "split",
+            "emotion",
+            "teacher_emotion",
+            "teacher_parse_ok",
+            "teacher_finish_reason",
+            pl.col("response_token_ids").list.len().alias("reply_tokens"),
+        )
+        by_source = (
+            lf.group_by("source", "split")
+            .agg(
+                pl.len().alias("examples"),
+                pl.col("reply_tokens").sum().alias("reply_tokens"),
+                pl.col("reply_tokens").mean().round(1).alias("mean_reply"),
+                pl.col("teacher_parse_ok").mean().round(3).alias("parsed"),
+                (pl.col("teacher_finish_reason") == "length").sum().alias("truncated"),
+            )
+            .sort("source", "split")
+            .collect()
+        )
+        out.append(_table(by_source, "examples by source"))
+        agree = (
+            lf.filter(pl.col("emotion").is_not_null())
+            .group_by("emotion")
+            .agg(
+                pl.len().alias("examples"),
+                (pl.col("teacher_emotion") == pl.col("emotion"))
+                .mean()
+                .round(3)
+                .alias("teacher_agrees"),
+                pl.col("teacher_emotion").mode().first().alias("teacher_says_most"),
+            )
+            .sort("examples", "emotion", descending=[True, False])
+            .collect()
+        )
+        out.append(_table(agree, "by gold emotion (teacher emotion agreement)"))
+        overall = (
+            lf.filter(pl.col("emotion").is_not_null())
+            .select((pl.col("teacher_emotion") == pl.col("emotion")).mean())
+            .collect()
+            .item()
+        )
+        if overall is not None:
+            out.append(f"\n  teacher emotion agreement overall: {overall:.3f}")
+    rejects_path = folder / REJECTS
+    reasons = pl.DataFrame({"reason": []}, schema={"reason": pl.String})
+    if rejects_path.exists() and rejects_path.stat().st_size:
+        rows = [json.loads(x) for x in rejects_path.read_text(encoding="utf-8").splitlines() if x]
+        # Reasons like "dialogue too long: 2100 prompt tokens ..." group by their first clause.
+        reasons = pl.DataFrame({"reason": [r["reason"].split(":")[0] for r in rows]})
+    out.append(
+        _table(
+            reasons.group_by("reason").len("rejects").sort("rejects", descending=True),
+            "rejects by reason",
+        )
+    )
+    return "\n".join(out)

