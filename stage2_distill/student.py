@@ -1,0 +1,173 @@
+"""The student during training: a Hugging Face causal LM plus PRIDE's multi-source attention.
+
+    student = PrideStudent(AutoModelForCausalLM.from_pretrained(folder), sources=["situation"],
+                           layer=None, feature_dim=576)
+    out = student(input_ids, attention_mask, pred_rows, pred_cols, privileged={...})
+    export_student(engine, tokenizer, folder / "final")  # the plain base model, no extra modules
+
+Multi-source attention (DESIGN.md): after one middle decoder layer, each privileged source
+(situation, future, expert notes, ...) gets its own cross-attention whose queries are the
+student's hidden states and whose keys/values are that source's text encoded by the student's
+own embeddings and layers up to the same layer. The sources are fused as
+h + sum_s tanh(gate_s) * attn_s(h, source_s), gates starting at zero so training starts from
+the unmodified student. The privileged text is encoded without gradients: it is training-only
+input, the exported weights should not specialise to encode it, and it keeps the extra cost of
+`pride` over `sft` to one forward pass over short texts (the cross-attentions' own key/value
+projections learn what to take from it). With no privileged input the hook adds nothing at all,
+so the base model alone is the exported student, and its outputs equal the trained model's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiSourceAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, sources: list[str]) -> None:
+        super().__init__()
+        self.sources = list(sources)
+        self.attn = nn.ModuleDict(
+            {s: nn.MultiheadAttention(hidden, heads, batch_first=True) for s in self.sources}
+        )
+        self.gates = nn.ParameterDict({s: nn.Parameter(torch.zeros(1)) for s in self.sources})
+
+    def forward(self, hidden: Tensor, memory: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """`memory`: source -> (encoded text [B, S, H], mask [B, S]); a row whose mask is all
+        zero (source absent or dropped) gets exactly nothing from that source."""
+        out = hidden
+        for name, (keys, mask) in memory.items():
+            present = mask.bool().any(dim=1)  # [B]
+            # A fully masked row would make softmax NaN; let it attend anywhere, then zero it.
+            padding = ~(mask.bool() | ~present[:, None])
+            attended, _ = self.attn[name](
+                hidden, keys.to(hidden.dtype), keys.to(hidden.dtype), key_padding_mask=padding,
+                need_weights=False,
+            )
+            attended = torch.where(present[:, None, None], attended, torch.zeros_like(attended))
+            out = out + torch.tanh(self.gates[name]).to(hidden.dtype) * attended
+        return out
+
+
+class PrideStudent(nn.Module):
+    """The base causal LM, optionally with multi-source attention and an MMD feature projection.
+
+    `sources=[]` gives a plain student (sft, seqkd, kd, pride-no-pi); `feature_dim=None` no MMD."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        sources: list[str],
+        layer: int | None = None,
+        feature_dim: int | None = None,
+        privileged_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        cfg = base.config
+        n_layers = cfg.num_hidden_layers
+        self.layer = n_layers // 2 if layer is None else layer
+        if not 0 <= self.layer < n_layers:
+            raise ValueError(f"attention_layer {self.layer} outside the student's {n_layers} layers")
+        self.privileged_dropout = privileged_dropout
+        self.msa = (
+            MultiSourceAttention(cfg.hidden_size, cfg.num_attention_heads, sources) if sources else None
+        )
+        self.proj = nn.Linear(cfg.hidden_size, feature_dim) if feature_dim else None
+        self._memory: dict[str, tuple[Tensor, Tensor]] | None = None
+        if self.msa is not None:
+            base.model.layers[self.layer].register_forward_hook(self._inject)
+
+    def _inject(self, module: nn.Module, args, output):
+        if not self._memory:
+            return None  # no privileged input: the layer's output is left untouched
+        hidden = output[0] if isinstance(output, tuple) else output
+        mixed = self.msa(hidden, self._memory)
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+    @torch.no_grad()
+    def encode_privileged(self, privileged: dict[str, tuple[Tensor, Tensor]]) -> dict:
+        """All sources in one batched pass of the base model; states after `self.layer`."""
+        names = list(privileged)
+        width = max(ids.shape[1] for ids, _ in privileged.values())
+        ids = torch.cat([F.pad(privileged[n][0], (0, width - privileged[n][0].shape[1])) for n in names])
+        mask = torch.cat([F.pad(privileged[n][1], (0, width - privileged[n][1].shape[1])) for n in names])
+        # Rows without this source have an all-zero mask; give them one visible token so the
+        # encoder stays finite (their output is discarded by the attention anyway).
+        safe = mask.clone()
+        safe[:, 0] = 1
+        states = self.base.model(input_ids=ids, attention_mask=safe, output_hidden_states=True)
+        encoded = states.hidden_states[self.layer + 1].chunk(len(names))
+        masks = mask.chunk(len(names))
+        return {n: (encoded[i], masks[i]) for i, n in enumerate(names)}
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pred_rows: Tensor,
+        pred_cols: Tensor,
+        feat_rows: Tensor | None = None,
+        feat_cols: Tensor | None = None,
+        feat_index: Tensor | None = None,
+        privileged: dict[str, tuple[Tensor, Tensor]] | None = None,
+    ) -> dict[str, Tensor | None]:
+        """Logits at the predicted positions [N, V] and the pooled, projected reply features
+        [R, feature_dim] (R = rows with teacher features), or None without a projection."""
+        memory = None
+        if self.msa is not None and privileged:
+            memory = self.encode_privileged(privileged)
+            if self.training and self.privileged_dropout > 0:
+                memory = {
+                    n: (keys, mask * (torch.rand(mask.shape[0], 1, device=mask.device) >= self.privileged_dropout))
+                    for n, (keys, mask) in memory.items()
+                }
+        self._memory = memory
+        try:
+            hidden = self.base.model(input_ids=input_ids, attention_mask=attention_mask)
+            hidden = hidden.last_hidden_state  # final norm applied, as the teacher's features
+        finally:
+            self._memory = None
+        logits = self.base.lm_head(hidden[pred_rows, pred_cols])
+        features = None
+        if self.proj is not None and feat_index is not None and feat_index.numel():
+            # Per-token L2 normalisation, then the mean over each row's reply: the teacher's
+            # definition (shared/schema.py), then a learned map to the teacher's width.
+            tokens = F.normalize(hidden[feat_rows, feat_cols].float(), dim=-1)
+            n_rows = int(feat_index.max()) + 1
+            sums = torch.zeros(n_rows, tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
+            sums = sums.index_add(0, feat_index, tokens)
+            counts = torch.bincount(feat_index, minlength=n_rows).clamp_min(1)
+            pooled = sums / counts[:, None].to(tokens.dtype)
+            features = self.proj(pooled.to(self.proj.weight.dtype))
+        return {"logits": logits, "features": features}
+
+    def full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits at every position with no privileged input: what the exported model computes."""
+        return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_student(engine, tokenizer, folder: Path, rank: int) -> None:
+    """Save the base model (no multi-source attention, no projection) and the tokenizer as a plain
+    Hugging Face folder. Under ZeRO-3 the partitioned weights are gathered first (every rank must
+    call this); rank 0 writes."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        full = engine._zero3_consolidated_16bit_state_dict()
+        state = {k[len("base.") :]: v for k, v in (full or {}).items() if k.startswith("base.")}
+    else:
+        state = {k: v.detach() for k, v in module.base.state_dict().items()}
+    if rank != 0:
+        return
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.base.save_pretrained(tmp, state_dict=state)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # a reader never sees a half-written final/
