@@ -114,18 +114,107 @@ def _not_yet(name: str, issue: int) -> None:
 
 @app.command("distill")
 def distill(
-    config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None
+    config: ConfigOpt = Path("pipelines.yaml"),
+    pipeline: PipelineOpt = "demo",
+    set_: SetOpt = None,
+    shards: Annotated[
+        Path | None, typer.Option(help="Teacher-cache folder (shards + manifest).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output folder (checkpoints, metrics, final/).")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="pride, sft, seqkd, kd, pride-no-pi, pride-no-mmd or pride-no-rkl."),
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in total.")] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option("--fresh/--resume", help="Start over, or resume from the last checkpoint."),
+    ] = False,
 ) -> None:
-    """Train the student under DeepSpeed from teacher shards (not available yet)."""
-    _not_yet("distill", 3)
+    """Train the student under DeepSpeed from streamed teacher shards; export it to OUTPUT/final.
+    Resumes from the last checkpoint (stream position included); new shards are trained on next.
+    Several ranks: torchrun --nproc_per_node N -m stage2_distill.distill --pipeline NAME."""
+    extra = []
+    if shards:
+        extra.append(f"distill.shards={json.dumps(str(shards.resolve()))}")
+    if output:
+        extra.append(f"distill.output={json.dumps(str(output.resolve()))}")
+    if method:
+        extra.append(f"distill.method={method}")
+    if max_steps is not None:
+        extra.append(f"distill.max_steps={max_steps}")
+    if fresh:
+        extra.append("distill.fresh=true")
+    try:
+        cfg = _config(config, pipeline, set_, extra)
+        from stage2_distill.distill import main
+
+        summary = main(cfg)
+    except PipelineError as e:
+        _fail(e)
+    _print_summary("distill summary", summary)
+
+
+def _model_spec(spec: str) -> str:
+    """`teacher` / `student` stay keywords; a folder (or name=FOLDER) becomes absolute."""
+    from shared.config import MODEL_KEYWORDS, split_model_spec
+
+    try:
+        name, target = split_model_spec(spec)
+    except ValueError as e:
+        raise PipelineError(f"--model: {e}") from None
+    if target in MODEL_KEYWORDS:
+        return target
+    return f"{name}={Path(target).resolve()}"
 
 
 @app.command("evaluate")
 def evaluate(
-    config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None
+    config: ConfigOpt = Path("pipelines.yaml"),
+    pipeline: PipelineOpt = "demo",
+    set_: SetOpt = None,
+    input_: Annotated[
+        list[Path] | None,
+        typer.Option("--input", help="Held-out dialogues (any supported format); repeatable."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Report folder (metrics.json, report.md, charts).")
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="A model to compare: `teacher`, `student`, a folder or name=FOLDER; repeatable.",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Name of the model the others are judged against.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.")] = None,
 ) -> None:
-    """Compare students, baselines and the teacher on held-out dialogues (not available yet)."""
-    _not_yet("evaluate", 4)
+    """Compare students, baselines and the teacher on held-out dialogues: BERTScore, emotion
+    accuracy, BLEU/ROUGE/Distinct, LLM-judge win rates, cost; writes metrics.json and report.md."""
+    extra = []
+    try:
+        if input_:
+            extra.append("evaluate.inputs=" + json.dumps([str(p.resolve()) for p in input_]))
+        if output:
+            extra.append(f"evaluate.output={json.dumps(str(output.resolve()))}")
+        if model:
+            extra.append("evaluate.models=" + json.dumps([_model_spec(m) for m in model]))
+        if baseline:
+            extra.append(f"evaluate.baseline={json.dumps(baseline)}")
+        if limit is not None:
+            extra.append(f"evaluate.limit={limit}")
+        cfg = _config(config, pipeline, set_, extra)
+        from evaluate.evaluate import main
+
+        summary = main(cfg)
+    except PipelineError as e:
+        _fail(e)
+    _print_summary("evaluate summary", summary)
 
 
 @app.command("run")

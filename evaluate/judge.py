@@ -1,0 +1,146 @@
+"""The pairwise LLM judge: which of two replies is more empathetic, asked in both orders.
+
+The judge reads `prompts.judge_prompt` (answer primed up to "Reply") and we compare its
+log-probabilities of the next tokens " A" and " B" (vLLM's `logprob_token_ids`): an answer never
+fails to parse, and a judge that cannot follow instructions simply shows up as a coin flip.
+
+Every pair is asked twice, with the replies swapped. A reply wins only when the judge prefers it
+in both orders; a split verdict (the judge picked the same *position* twice) is a tie, so position
+bias cancels instead of deciding. Identical replies are a tie without asking.
+
+The judge check asks the same judge about pairs of rated replies (Welivita & Pu) whose human
+ratings differ, and reports how often it sides with the people.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from shared import prompts
+from shared.errors import PipelineError
+from shared.readers import read_examples
+
+Triple = tuple[list[dict], str, str]  # (dialogue, reply x, reply y)
+
+
+def ask(llm, tokenizer, items: list[Triple], max_len: int) -> list[str | None]:
+    """One verdict per (dialogue, A, B): "A", "B", "=" (equal log-probabilities) or None when the
+    prompt does not fit the judge's context."""
+    from vllm import SamplingParams
+
+    try:
+        ids_ab = prompts.judge_choice_ids(tokenizer)
+    except ValueError as e:
+        raise PipelineError(f"{e}; use another judge (evaluate.judge)") from None
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids_ab))
+    encoded = [
+        tokenizer(prompts.judge_prompt(tokenizer, d, a, b), add_special_tokens=False)["input_ids"]
+        for d, a, b in items
+    ]
+    fits = [i for i, ids in enumerate(encoded) if len(ids) < max_len]
+    outs = llm.generate(
+        [{"prompt_token_ids": encoded[i]} for i in fits], params, use_tqdm=False
+    )
+    verdicts: list[str | None] = [None] * len(items)
+    for i, out in zip(fits, outs, strict=True):
+        logprobs = out.outputs[0].logprobs[0]
+        lp_a, lp_b = (logprobs[t].logprob for t in ids_ab)
+        verdicts[i] = "A" if lp_a > lp_b else "B" if lp_b > lp_a else "="
+    return verdicts
+
+
+def both_orders(llm, tokenizer, items: list[Triple], max_len: int) -> list[dict[str, Any]]:
+    """For each (dialogue, x, y): the verdict with x shown first and with y shown first, and the
+    outcome for x: "win" (preferred in both orders), "loss", "tie", or "unjudged" (too long)."""
+    ask_idx = [i for i, (_, x, y) in enumerate(items) if x.strip() != y.strip()]
+    asked = [items[i] for i in ask_idx]
+    swapped = [(d, y, x) for d, x, y in asked]
+    verdicts = ask(llm, tokenizer, asked + swapped, max_len)
+    results = [{"x_first": None, "y_first": None, "outcome": "tie"} for _ in items]
+    for k, i in enumerate(ask_idx):
+        first, second = verdicts[k], verdicts[k + len(asked)]
+        results[i] = {"x_first": first, "y_first": second, "outcome": outcome(first, second)}
+    return results
+
+
+def outcome(x_first: str | None, y_first: str | None) -> str:
+    """x_first: the verdict with x as reply A; y_first: with x as reply B."""
+    if x_first is None or y_first is None:
+        return "unjudged"
+    if x_first == "A" and y_first == "B":
+        return "win"
+    if x_first == "B" and y_first == "A":
+        return "loss"
+    return "tie"
+
+
+def win_rates(results: list[dict[str, Any]]) -> dict[str, Any]:
+    counts = {k: sum(r["outcome"] == k for r in results) for k in ("win", "tie", "loss")}
+    n = sum(counts.values())
+    rates = {f"{k}_rate": (v / n if n else None) for k, v in counts.items()}
+    return {
+        "pairs": n,
+        **{f"{k}s": v for k, v in counts.items()},
+        **rates,
+        "unjudged": sum(r["outcome"] == "unjudged" for r in results),
+    }
+
+
+# --- the judge check against human ratings ---------------------------------------------------
+
+
+def rated_pairs(path: Path | None, n: int, seed: int) -> tuple[list[dict], str | None]:
+    """Up to `n` pairs of replies to the same context whose human ratings differ, drawn at random
+    (fixed seed) from every such pair in the file; or ([], why not) when there is nothing to do."""
+    if n == 0:
+        return [], "judge check skipped (evaluate.judge_check_pairs = 0)"
+    if path is None or not Path(path).is_file():
+        return [], f"judge check skipped: rated data not found at {path}"
+    examples, _ = read_examples(Path(path))
+    pairs = []
+    for ex in examples:
+        rated = [c for c in ex.candidates if c["rating"] is not None and c["text"].strip()]
+        for i, a in enumerate(rated):
+            for b in rated[i + 1 :]:
+                if a["rating"] != b["rating"]:
+                    better, worse = (a, b) if a["rating"] > b["rating"] else (b, a)
+                    pairs.append(
+                        {
+                            "example_id": ex.example_id,
+                            "dialogue": ex.dialogue,
+                            "better": better["text"],
+                            "worse": worse["text"],
+                            "better_name": better["name"],
+                            "worse_name": worse["name"],
+                            "ratings": (better["rating"], worse["rating"]),
+                        }
+                    )
+    if not pairs:
+        return [], f"judge check skipped: no pairs with different ratings in {path}"
+    random.Random(seed).shuffle(pairs)
+    return pairs[:n], None
+
+
+def judge_check(llm, tokenizer, pairs: list[dict], max_len: int) -> dict[str, Any]:
+    """How often the judge prefers the reply people rated higher: per question (both orders
+    counted) and per pair (right in both orders); how often it picks the same reply in both
+    orders, and how often it answers "A" (0.5 = no position bias)."""
+    items = [(p["dialogue"], p["better"], p["worse"]) for p in pairs]
+    results = both_orders(llm, tokenizer, items, max_len)
+    judged = [r for r in results if r["outcome"] != "unjudged"]
+    n = len(judged)
+    if n == 0:
+        return {"pairs": 0, "unjudged": len(results)}
+    right = sum((r["x_first"] == "A") + (r["y_first"] == "B") for r in judged)
+    picks_a = sum((r["x_first"] == "A") + (r["y_first"] == "A") for r in judged)
+    return {
+        "pairs": n,
+        "agreement": right / (2 * n),
+        "agreement_both_orders": sum(r["outcome"] == "win" for r in judged) / n,
+        "disagreement_both_orders": sum(r["outcome"] == "loss" for r in judged) / n,
+        "position_consistency": sum(r["outcome"] in ("win", "loss") for r in judged) / n,
+        "picks_a_rate": picks_a / (2 * n),
+        "unjudged": len(results) - n,
+    }

@@ -1,0 +1,322 @@
+"""`pipeline distill` end to end on a tiny random Llama (2 layers, hidden 64) with the real SmolLM2
+tokenizer, synthetic shards written through shared.schema, and the real DeepSpeed engine on the CPU.
+
+The helpers here (tiny model, synthetic cache, config) are also used by test_stream / test_student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from shared.config import load_config
+from shared.errors import PipelineError
+from shared.schema import MANIFEST, SCHEMA_VERSION, read_manifest, write_manifest, write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENT = REPO / "models" / "smollm2-135m-student-6l"
+K, FEATURE_DIM = 4, 8
+WORDS = "sad happy lost job friend moved dog exam tired proud scared alone".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the embedded student's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-student"
+    tok = AutoTokenizer.from_pretrained(STUDENT)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def settings_for(tokenizer, k: int = K, feature_dim: int | None = FEATURE_DIM) -> dict:
+    from shared.models import tokenizer_fingerprint
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "teacher_weights_sha256": "synthetic",
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "top_k": k,
+        "logprob_mode": "raw_logprobs",
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_new_tokens": 16,
+        "prompt_template_sha256": "synthetic",
+        "feature_dim": feature_dim,
+    }
+
+
+def synthetic_row(i: int, rng: np.random.Generator, k: int = K) -> dict:
+    words = lambda n: " ".join(rng.choice(WORDS, n))  # noqa: E731
+    n = int(rng.integers(3, 9))
+    reply = [int(t) for t in rng.integers(100, 2000, n)]
+    if i % 3 == 0:
+        reply[-1] = 2  # ends with <|im_end|>: its teacher distribution counts in the KL
+    ids, lps = [], []
+    for tok in reply:
+        others = [int(t) for t in rng.choice(np.arange(2000, 4000), k - 1, replace=False)]
+        ids.append([tok, *others])
+        lps.append(sorted((float(x) for x in -rng.exponential(2.0, k)), reverse=True))
+    privileged = {"situation": f"situation {words(6)}"}
+    if i % 2:
+        privileged["future"] = f"Listener: {words(8)}"
+    feats = rng.normal(size=FEATURE_DIM)
+    return {
+        "example_id": f"ex{i:05d}",
+        "source": "synthetic",
+        "split": "train",
+        "dialogue": [{"role": "speaker", "text": f"I feel {words(5)}."}],
+        "privileged": list(privileged.items()),
+        "media": [],
+        "emotion": "sad",
+        "reference": f"That sounds {words(4)}." if i % 5 else "",
+        "candidates": [],
+        "teacher_reasoning": "Emotion: sad",
+        "teacher_emotion": "sad",
+        "teacher_response": "synthetic",
+        "teacher_parse_ok": i % 4 != 1,
+        "teacher_finish_reason": "stop",
+        "teacher_context_token_ids": [1, 2, 3],
+        "response_token_ids": reply,
+        "topk_token_ids": ids,
+        "topk_logprobs": lps,
+        "target_logprob": [lp[0] for lp in lps],
+        "teacher_features": [float(x) for x in feats / np.linalg.norm(feats)],
+    }
+
+
+def make_cache(
+    folder: Path, tokenizer, *, shards: int = 2, rows: int = 12, row_group_size: int = 4, k: int = K
+) -> list[str]:
+    """Write (more) synthetic shards and the manifest; returns the new shard names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = settings_for(tokenizer, k)
+    manifest = read_manifest(folder) or {"settings": settings, "shards": []}
+    new = []
+    for _ in range(shards):
+        index = len(manifest["shards"])
+        rng = np.random.default_rng(index)
+        batch = [synthetic_row(index * 1000 + j, rng, k) for j in range(rows)]
+        path = folder / f"shard-{index:05d}.parquet"
+        meta = {"pipeline_settings": json.dumps(settings)}
+        manifest["shards"].append(write_shard(batch, path, row_group_size, metadata=meta))
+        new.append(path.name)
+    manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
+    write_manifest(folder, manifest)
+    return new
+
+
+def make_config(tmp: Path, student: Path, shards: Path, output: Path, **distill):
+    doc = {
+        "pipelines": {
+            "t": {
+                "student": {"model": str(student)},
+                "distill": {
+                    "shards": str(shards),
+                    "output": str(output),
+                    "deepspeed": str(REPO / "configs" / "zero2.json"),
+                    "max_steps": 2,
+                    "micro_batch_size": 2,
+                    "shuffle_buffer": 4,
+                    "warmup_steps": 1,
+                    "privileged_max_tokens": 16,
+                    **distill,
+                },
+            }
+        }
+    }
+    path = tmp / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(tmp: Path, student: Path, shards: Path, output: Path, **distill) -> dict:
+    from stage2_distill.distill import main
+
+    return main(load_config(make_config(tmp, student, shards, output, **distill), "t"))
+
+
+def losses_by_step(output: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k not in ("seconds", "lr")} for r in rows}
+
+
+@pytest.fixture
+def cache(tmp_path, tiny_student) -> Path:
+    from shared.models import load_tokenizer
+
+    folder = tmp_path / "cache"
+    make_cache(folder, load_tokenizer(tiny_student))
+    return folder
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _edit_manifest(folder: Path, fn) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    fn(manifest)
+    write_manifest(folder, manifest)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda m, f: m["settings"].update(schema_version=99), "schema version"),
+        (lambda m, f: m["settings"].update(tokenizer_fingerprint="0000"), "tokenizer"),
+        (lambda m, f: m["settings"].update(vocab_size=50), "vocabulary"),
+        (lambda m, f: m["shards"][1].update(sha256="0" * 64), "checksum"),
+        (lambda m, f: m["shards"][0].update(rows=13), "rows but the manifest says"),
+        (lambda m, f: m["shards"].append({"file": "shard-00009.parquet"}), "missing"),
+    ],
+)
+def test_manifest_refusals(tmp_path, tiny_student, cache, breakage, message):
+    _edit_manifest(cache, lambda m: breakage(m, cache))
+    with pytest.raises(PipelineError, match=message):
+        run(tmp_path, tiny_student, cache, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints").exists()  # refused before any work
+
+
+def test_refuses_other_k(tmp_path, tiny_student, cache):
+    with pytest.raises(PipelineError, match="top-k 4 but 5"):
+        run(tmp_path, tiny_student, cache, tmp_path / "out", top_k=5)
+
+
+def test_refuses_shard_from_another_cache(tmp_path, tiny_student, cache):
+    """A shard copied in from a cache with another k, listed with a correct checksum."""
+    from shared.models import load_tokenizer
+
+    other = tmp_path / "other"
+    make_cache(other, load_tokenizer(tiny_student), shards=1, k=3)
+    shutil.copy(other / "shard-00000.parquet", cache / "shard-00000.parquet")
+    entry = read_manifest(other)["shards"][0]
+    _edit_manifest(cache, lambda m: m["shards"].__setitem__(0, entry))
+    with pytest.raises(PipelineError, match=r"shard-00000.parquet: made with other settings.*top_k"):
+        run(tmp_path, tiny_student, cache, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_pride_trains_exports_and_writes_outputs(tmp_path, tiny_student, cache):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    summary = run(tmp_path, tiny_student, cache, out, max_steps=3, checkpoint_every=2)
+    assert summary["steps"] == "0 -> 3 (of 3)"
+    for name in ("resolved_config.yaml", "metrics.jsonl", "loss.png", "summary.json", "tensorboard"):
+        assert (out / name).exists(), name
+    steps = losses_by_step(out)
+    assert sorted(steps) == [1, 2, 3]
+    assert set(steps[1]) == {"step", "ce", "rkl", "mmd", "loss"}
+    assert all(np.isfinite(v) for row in steps.values() for v in row.values())
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.num_hidden_layers == 2
+    plain = AutoModelForCausalLM.from_pretrained(tiny_student)
+    assert set(model.state_dict()) == set(plain.state_dict())  # no extra modules exported
+    assert (out / "final" / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"])
+def test_each_method_runs(tmp_path, tiny_student, cache, method):
+    terms = {
+        "sft": {"ce"},
+        "seqkd": {"ce"},
+        "kd": {"ce", "fkl"},
+        "pride-no-pi": {"ce", "rkl", "mmd"},
+        "pride-no-mmd": {"ce", "rkl"},
+        "pride-no-rkl": {"ce", "mmd"},
+    }[method]
+    out = tmp_path / "out"
+    run(tmp_path, tiny_student, cache, out, method=method)
+    steps = losses_by_step(out)
+    assert set(steps[2]) == {"step", "loss", *terms}
+    assert (out / "final" / "config.json").exists()
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_student, cache, monkeypatch):
+    """Stop after step 3 (checkpoint at 2), resume: the same losses as one run of 5 steps."""
+    from stage2_distill import distill
+
+    settings = {"max_steps": 5, "checkpoint_every": 2, "grad_accum": 2}
+    run(tmp_path, tiny_student, cache, tmp_path / "whole", **settings)
+
+    original = distill.log_step
+
+    def crash_after_step_3(record, *args):
+        original(record, *args)
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "log_step", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_student, cache, tmp_path / "split", **settings)
+    monkeypatch.setattr(distill, "log_step", original)
+    summary = run(tmp_path, tiny_student, cache, tmp_path / "split", **settings)
+    assert summary["resumed from"] == "step0000002"
+    whole, split = losses_by_step(tmp_path / "whole"), losses_by_step(tmp_path / "split")
+    assert sorted(split) == [1, 2, 3, 4, 5]  # the crashed run's step 3 line was replaced
+    for step in whole:
+        for key, value in whole[step].items():
+            assert split[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_new_shards_are_picked_up(tmp_path, tiny_student, cache):
+    from shared.models import load_tokenizer
+
+    out = tmp_path / "out"
+    run(tmp_path, tiny_student, cache, out)
+    summary = run(tmp_path, tiny_student, cache, out)  # nothing new: nothing to do
+    assert summary["steps"] == "2 -> 2 (of 2)" and summary["new shards"] == "none"
+    added = make_cache(cache, load_tokenizer(tiny_student), shards=1, rows=6)
+    summary = run(tmp_path, tiny_student, cache, out)
+    assert summary["new shards"] == added[0]
+    assert summary["steps"] == "2 -> 5 (of 5)"  # 6 new rows / 2 per step
+    state = json.loads((out / "checkpoints" / "step0000005" / "run_state_rank0.json").read_text())
+    assert added[0] in state["stream"]["known"]
+    summary = run(tmp_path, tiny_student, cache, out, fresh=True)
+    assert summary["resumed from"].startswith("no") and summary["steps"] == "0 -> 2 (of 2)"
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun(tmp_path, tiny_student, cache):
+    out = tmp_path / "out"
+    config = make_config(tmp_path, tiny_student, cache, out, max_steps=2)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m"]
+    cmd += ["stage2_distill.distill", "--config", str(config), "--pipeline", "t"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["rows trained"] == 8
+    assert (out / "checkpoints" / "step0000002" / "run_state_rank1.json").exists()
+    assert (out / "final" / "model.safetensors").exists()
