@@ -129,7 +129,8 @@ def parse_teacher_output(generated: str) -> TeacherOutput:
     """Split the teacher's answer (the text generated after ANSWER_PREFIX) into its parts.
 
     Fallback when there is no usable "Reply:" field: everything after the first line is taken as
-    the reply (the first line is the primed emotion), and parse_ok is False so a consumer can drop
+    the reply (the first line is the primed emotion; a one-line answer is all reply), and
+    parse_ok is False so a consumer can drop
     or down-weight the row. Nothing is silently discarded.
     """
     full = ANSWER_PREFIX + generated
@@ -154,8 +155,10 @@ def parse_teacher_output(generated: str) -> TeacherOutput:
             first = end + lead - offset
             reasoning = full[:start].strip()
             return TeacherOutput(emotion, reasoning, reply, first, first + len(reply), True)
+    # Fallback: the first line is the primed emotion and the rest the reply; a one-line answer
+    # that ignored the format is all reply.
     newline = full.find("\n")
-    start = newline + 1 if newline >= 0 else len(full)
+    start = newline + 1 if newline >= 0 else offset
     body = full[start:]
     lead = len(body) - len(body.lstrip())
     first = max(start + lead - offset, 0)

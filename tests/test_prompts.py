@@ -39,6 +39,8 @@ def test_garbage_is_kept_with_a_flag():
     assert out.emotion is None
     assert out.reply == "12 34 \u2603 lorem ipsum"
     assert text[out.reply_start : out.reply_end] == out.reply
+    one_line = prompts.parse_teacher_output(" I am so sorry about that")
+    assert not one_line.parse_ok and one_line.reply == "I am so sorry about that"
     empty = prompts.parse_teacher_output("")
     assert not empty.parse_ok and empty.reply == "" and empty.emotion is None
 
