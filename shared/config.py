@@ -46,6 +46,13 @@ class StudentConfig(Strict):
     model: Path = Path("models/smollm2-135m-student-6l")
 
 
+class MediaConfig(Strict):
+    """What a vision-language teacher sees of each media entry (shared/media.py)."""
+
+    frames: int = Field(8, ge=1)  # frames sampled evenly from each video (within start/end)
+    image_size: int | None = Field(None, ge=1)  # scale the longer side down to this (None: keep)
+
+
 class TeacherCacheConfig(Strict):
     inputs: list[Path] = Field(default_factory=lambda: [Path("data/demo/train.csv")])
     format: Literal["auto", "ed_csv", "wp_csv", "jsonl"] = "auto"
@@ -59,6 +66,8 @@ class TeacherCacheConfig(Strict):
     features: bool = True  # pooled teacher features for MMD (starts a second, pooling engine)
     # Extra vllm.LLM settings for the pooling engine, on top of teacher.engine.
     feature_engine: dict[str, Any] = Field(default_factory=dict)
+    # Images and video frames for a vision-language teacher (ignored by a text teacher).
+    media: MediaConfig = Field(default_factory=MediaConfig)
 
 
 class LossWeights(Strict):
@@ -110,7 +119,7 @@ MODEL_KEYWORDS = ("teacher", "student")  # stand for teacher.model / student.mod
 
 
 def split_model_spec(spec: str) -> tuple[str, str]:
-    """`teacher` / `student`, `name=FOLDER` or `FOLDER` (named after the folder) -> (name, target)."""
+    """`teacher` / `student`, `name=FOLDER` or `FOLDER` (named after it) -> (name, target)."""
     spec = spec.strip()
     if spec in MODEL_KEYWORDS:
         return spec, spec
@@ -128,6 +137,8 @@ class EvaluateConfig(Strict):
     inputs: list[Path] = Field(default_factory=lambda: [Path("data/demo/test.csv")])
     format: Literal["auto", "ed_csv", "wp_csv", "jsonl"] = "auto"
     output: Path = Path("runs/demo/evaluate")
+    # Keep only this split (e.g. `test` of the Welivita & Pu CSV, which holds both); None: all.
+    split: Literal["train", "validation", "test"] | None = None
     limit: int | None = Field(None, ge=1)  # only the first N examples: a quick run
     # The models compared, in report order: `teacher`, `student`, a folder, or `name=FOLDER`.
     models: list[str] = Field(default_factory=lambda: ["teacher", "student"], min_length=1)

@@ -1,4 +1,4 @@
-"""From shard rows to student tensors: the prompt, the target reply, its teacher top-k, privileged text.
+"""From shard rows to student tensors: prompt, target reply, its teacher top-k, privileged text.
 
 Student input = `student_prompt(dialogue)` token ids followed by the reply token ids; the logits
 at position p predict token p + 1, so reply token t is predicted at `len(prompt) - 1 + t`. Only

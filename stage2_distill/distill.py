@@ -107,13 +107,16 @@ def read_resume(ckpt_dir: Path, rank: int, world_size: int, method: str) -> dict
     state = json.loads(path.read_text(encoding="utf-8"))
     if state["world_size"] != world_size or state["method"] != method:
         raise PipelineError(
-            f"{ckpt_dir} holds a {state['method']!r} run on {state['world_size']} rank(s), this is "
-            f"{method!r} on {world_size}: resume with the same settings, or use --fresh / another output"
+            f"{ckpt_dir} holds a {state['method']!r} run on {state['world_size']} rank(s), this "
+            f"is {method!r} on {world_size}: resume with the same settings, or use --fresh or "
+            "another output"
         )
     return {**state, "tag": tag}
 
 
-def compute_losses(out: dict, batch: dict, terms: tuple[str, ...], w: LossWeights, temperature: float):
+def compute_losses(
+    out: dict, batch: dict, terms: tuple[str, ...], w: LossWeights, temperature: float
+):
     """Every term of the method (0 where the batch has nothing for it) and their weighted sum."""
     logits = out["logits"]
     zero = logits.sum() * 0.0  # keeps the graph, so a term with nothing to count still backprops
@@ -144,7 +147,9 @@ def log_step(record: dict, metrics, writer, bar) -> None:
     bar.update(1)
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict, rank: int, keep: int) -> None:
+def save_checkpoint(
+    engine, ckpt_dir: Path, step: int, run_state: dict, rank: int, keep: int
+) -> None:
     """Each rank's stream position first, then DeepSpeed's files; DeepSpeed writes `latest`
     last, so a checkpoint it names is complete. Older checkpoints beyond `keep` are deleted."""
     tag = f"step{step:07d}"
@@ -195,7 +200,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     )
     check_shards(d.shards, manifest)
     if not manifest["shards"]:
-        raise PipelineError(f"{d.shards}: the cache has no shards yet; run `pipeline teacher-cache`")
+        raise PipelineError(f"{d.shards}: the cache has no shards; run `pipeline teacher-cache`")
     settings = manifest["settings"]
     if "mmd" in terms and not settings.get("feature_dim"):
         terms = tuple(t for t in terms if t != "mmd")  # the cache was built with features off
@@ -223,6 +228,12 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     resume = read_resume(ckpt_dir, rank, world, d.method)
     step = resume["step"] if resume else 0
     known = set(resume["stream"]["known"]) if resume else set()
+    gone = sorted(known - {s["file"] for s in manifest["shards"]})
+    if gone:
+        raise PipelineError(
+            f"{d.shards} no longer lists {', '.join(gone)}, which the checkpoint in {ckpt_dir} "
+            "was reading: the cache was rebuilt; use --fresh (or another output) to start over"
+        )
     new_shards = [s for s in manifest["shards"] if resume and s["file"] not in known]
     per_step = d.micro_batch_size * d.grad_accum * world
     total_steps = max(d.max_steps, resume["total_steps"] if resume else 0)
@@ -268,6 +279,11 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     stream.add_shards(new_shards)
 
     # 4. Train.
+    sources = model.msa.sources if model.msa else []
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+
     def next_batch() -> dict:
         rows = [next(stream) for _ in range(d.micro_batch_size)]
         examples = [
@@ -275,15 +291,13 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
                 r,
                 tokenizer,
                 target=target,
-                sources=model.msa.sources if model.msa else [],
+                sources=sources,
                 max_len=d.max_seq_len,
                 privileged_max_tokens=d.privileged_max_tokens,
             )
             for r in rows
         ]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        sources = model.msa.sources if model.msa else []
-        return collate(examples, pad, settings["top_k"], sources)
+        return collate(examples, pad_id, settings["top_k"], sources)
 
     def to_device(x):
         if isinstance(x, torch.Tensor):

@@ -55,13 +55,12 @@ def check_shards(folder: Path, manifest: dict[str, Any]) -> None:
         path = Path(folder) / entry["file"]
         schema = pq.read_schema(path)
         missing = [c for c in COLUMNS if c not in schema.names]
-        wrong = [
-            c for c in COLUMNS if c in schema.names and schema.field(c).type != SHARD_SCHEMA.field(c).type
-        ]
+        have = {c: schema.field(c).type for c in COLUMNS if c in schema.names}
+        wrong = [c for c, t in have.items() if t != SHARD_SCHEMA.field(c).type]
         if missing or wrong:
             raise PipelineError(
                 f"{path}: not a shard of this schema (missing {missing or 'none'}, wrong type "
-                f"{wrong or 'none'}); rebuild the cache with this version of `pipeline teacher-cache`"
+                f"{wrong or 'none'}); rebuild it with this version of `pipeline teacher-cache`"
             )
         raw = (schema.metadata or {}).get(b"pipeline_settings")
         if raw is None:
@@ -167,7 +166,8 @@ class ShardStream(Iterator[dict[str, Any]]):
         try:
             return self._parquet(file).read_row_group(row_group, columns=COLUMNS).to_pylist()
         except (OSError, pa.ArrowException) as e:
-            raise PipelineError(f"{self.folder / file}: cannot read row group {row_group} ({e})") from None
+            path = self.folder / file
+            raise PipelineError(f"{path}: cannot read row group {row_group} ({e})") from None
 
     def _new_pass(self) -> None:
         if self.epoch >= 0 and self._kept_this_pass == 0 and not self.buffer:

@@ -45,7 +45,10 @@ class MultiSourceAttention(nn.Module):
             # A fully masked row would make softmax NaN; let it attend anywhere, then zero it.
             padding = ~(mask.bool() | ~present[:, None])
             attended, _ = self.attn[name](
-                hidden, keys.to(hidden.dtype), keys.to(hidden.dtype), key_padding_mask=padding,
+                hidden,
+                keys.to(hidden.dtype),
+                keys.to(hidden.dtype),
+                key_padding_mask=padding,
                 need_weights=False,
             )
             attended = torch.where(present[:, None, None], attended, torch.zeros_like(attended))
@@ -73,11 +76,10 @@ class PrideStudent(nn.Module):
         n_layers = cfg.num_hidden_layers
         self.layer = n_layers // 2 if layer is None else layer
         if not 0 <= self.layer < n_layers:
-            raise ValueError(f"attention_layer {self.layer} outside the student's {n_layers} layers")
+            raise ValueError(f"attention_layer {self.layer} is not one of {n_layers} layers")
         self.privileged_dropout = privileged_dropout
-        self.msa = (
-            MultiSourceAttention(cfg.hidden_size, cfg.num_attention_heads, sources) if sources else None
-        )
+        heads = cfg.num_attention_heads
+        self.msa = MultiSourceAttention(cfg.hidden_size, heads, sources) if sources else None
         self.proj = nn.Linear(cfg.hidden_size, feature_dim) if feature_dim else None
         self._memory: dict[str, tuple[Tensor, Tensor]] | None = None
         if self.msa is not None:
@@ -95,14 +97,31 @@ class PrideStudent(nn.Module):
         """All sources in one batched pass of the base model; states after `self.layer`."""
         names = list(privileged)
         width = max(ids.shape[1] for ids, _ in privileged.values())
-        ids = torch.cat([F.pad(privileged[n][0], (0, width - privileged[n][0].shape[1])) for n in names])
-        mask = torch.cat([F.pad(privileged[n][1], (0, width - privileged[n][1].shape[1])) for n in names])
+
+        def padded(i: int) -> Tensor:
+            return torch.cat([F.pad(t[i], (0, width - t[i].shape[1])) for t in privileged.values()])
+
+        ids, mask = padded(0), padded(1)
         # Rows without this source have an all-zero mask; give them one visible token so the
         # encoder stays finite (their output is discarded by the attention anyway).
         safe = mask.clone()
         safe[:, 0] = 1
-        states = self.base.model(input_ids=ids, attention_mask=safe, output_hidden_states=True)
-        encoded = states.hidden_states[self.layer + 1].chunk(len(names))
+        # Only the layers up to `self.layer` matter: Hugging Face decoders run
+        # `layers[: config.num_hidden_layers]`, so lowering it for this pass skips the rest (a
+        # model that ignores it runs them all: slower, same result, the states come from a hook).
+        captured = []
+        handle = self.base.model.layers[self.layer].register_forward_hook(
+            lambda module, args, output: captured.append(output)
+        )
+        config, n_layers = self.base.model.config, self.base.model.config.num_hidden_layers
+        config.num_hidden_layers = self.layer + 1
+        try:
+            self.base.model(input_ids=ids, attention_mask=safe)
+        finally:
+            config.num_hidden_layers = n_layers
+            handle.remove()
+        states = captured[0][0] if isinstance(captured[0], tuple) else captured[0]
+        encoded = states.chunk(len(names))
         masks = mask.chunk(len(names))
         return {n: (encoded[i], masks[i]) for i, n in enumerate(names)}
 
@@ -123,10 +142,13 @@ class PrideStudent(nn.Module):
         if self.msa is not None and privileged:
             memory = self.encode_privileged(privileged)
             if self.training and self.privileged_dropout > 0:
-                memory = {
-                    n: (keys, mask * (torch.rand(mask.shape[0], 1, device=mask.device) >= self.privileged_dropout))
-                    for n, (keys, mask) in memory.items()
+                # Drop each source per row: the student must not come to rely on privileged text
+                # it will never see at run time.
+                kept = {
+                    n: torch.rand(m.shape[0], 1, device=m.device) >= self.privileged_dropout
+                    for n, (_, m) in memory.items()
                 }
+                memory = {n: (keys, mask * kept[n]) for n, (keys, mask) in memory.items()}
         self._memory = memory
         try:
             hidden = self.base.model(input_ids=input_ids, attention_mask=attention_mask)

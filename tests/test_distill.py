@@ -217,7 +217,7 @@ def test_refuses_shard_from_another_cache(tmp_path, tiny_student, cache):
     shutil.copy(other / "shard-00000.parquet", cache / "shard-00000.parquet")
     entry = read_manifest(other)["shards"][0]
     _edit_manifest(cache, lambda m: m["shards"].__setitem__(0, entry))
-    with pytest.raises(PipelineError, match=r"shard-00000.parquet: made with other settings.*top_k"):
+    with pytest.raises(PipelineError, match=r"shard-00000.parquet: made with other settings.*k"):
         run(tmp_path, tiny_student, cache, tmp_path / "out")
 
 
@@ -230,7 +230,8 @@ def test_pride_trains_exports_and_writes_outputs(tmp_path, tiny_student, cache):
     out = tmp_path / "out"
     summary = run(tmp_path, tiny_student, cache, out, max_steps=3, checkpoint_every=2)
     assert summary["steps"] == "0 -> 3 (of 3)"
-    for name in ("resolved_config.yaml", "metrics.jsonl", "loss.png", "summary.json", "tensorboard"):
+    names = ("resolved_config.yaml", "metrics.jsonl", "loss.png", "summary.json", "tensorboard")
+    for name in names:
         assert (out / name).exists(), name
     steps = losses_by_step(out)
     assert sorted(steps) == [1, 2, 3]
@@ -244,7 +245,9 @@ def test_pride_trains_exports_and_writes_outputs(tmp_path, tiny_student, cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"])
+@pytest.mark.parametrize(
+    "method", ["sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"]
+)
 def test_each_method_runs(tmp_path, tiny_student, cache, method):
     terms = {
         "sft": {"ce"},
@@ -310,7 +313,8 @@ def test_two_ranks_under_torchrun(tmp_path, tiny_student, cache):
     out = tmp_path / "out"
     config = make_config(tmp_path, tiny_student, cache, out, max_steps=2)
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")  # set by earlier tests
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m"]
     cmd += ["stage2_distill.distill", "--config", str(config), "--pipeline", "t"]
@@ -320,3 +324,18 @@ def test_two_ranks_under_torchrun(tmp_path, tiny_student, cache):
     assert summary["ranks"] == 2 and summary["rows trained"] == 8
     assert (out / "checkpoints" / "step0000002" / "run_state_rank1.json").exists()
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_other_zero_stages_train_and_export(tmp_path, tiny_student, cache, stage):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    zero = str(REPO / "configs" / f"zero{stage}.json")
+    run(tmp_path, tiny_student, cache, out, deepspeed=zero, max_steps=3, checkpoint_every=2)
+    summary = run(tmp_path, tiny_student, cache, out, deepspeed=zero, max_steps=4)
+    assert summary["resumed from"] == "step0000003"
+    plain = AutoModelForCausalLM.from_pretrained(tiny_student)
+    exported = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert set(exported.state_dict()) == set(plain.state_dict())
