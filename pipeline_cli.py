@@ -209,7 +209,7 @@ def evaluate(
         if limit is not None:
             extra.append(f"evaluate.limit={limit}")
         cfg = _config(config, pipeline, set_, extra)
-        from evaluate.evaluate import main
+        from evaluation.evaluate import main
 
         summary = main(cfg)
     except PipelineError as e:

@@ -25,9 +25,9 @@ from shared.readers import read_examples
 Triple = tuple[list[dict], str, str]  # (dialogue, reply x, reply y)
 
 
-def ask(llm, tokenizer, items: list[Triple], max_len: int) -> list[str | None]:
-    """One verdict per (dialogue, A, B): "A", "B", "=" (equal log-probabilities) or None when the
-    prompt does not fit the judge's context."""
+def ask(llm, tokenizer, items: list[Triple], max_len: int) -> list[tuple[str, float] | None]:
+    """Per (dialogue, A, B): the verdict "A", "B" or "=" (equal log-probabilities) and the margin
+    log p(" A") - log p(" B"); None when the prompt does not fit the judge's context."""
     from vllm import SamplingParams
 
     try:
@@ -40,28 +40,41 @@ def ask(llm, tokenizer, items: list[Triple], max_len: int) -> list[str | None]:
         for d, a, b in items
     ]
     fits = [i for i, ids in enumerate(encoded) if len(ids) < max_len]
-    outs = llm.generate(
-        [{"prompt_token_ids": encoded[i]} for i in fits], params, use_tqdm=False
-    )
-    verdicts: list[str | None] = [None] * len(items)
+    outs = llm.generate([{"prompt_token_ids": encoded[i]} for i in fits], params, use_tqdm=False)
+    verdicts: list[tuple[str, float] | None] = [None] * len(items)
     for i, out in zip(fits, outs, strict=True):
         logprobs = out.outputs[0].logprobs[0]
-        lp_a, lp_b = (logprobs[t].logprob for t in ids_ab)
-        verdicts[i] = "A" if lp_a > lp_b else "B" if lp_b > lp_a else "="
+        margin = logprobs[ids_ab[0]].logprob - logprobs[ids_ab[1]].logprob
+        verdicts[i] = ("A" if margin > 0 else "B" if margin < 0 else "=", margin)
     return verdicts
 
 
 def both_orders(llm, tokenizer, items: list[Triple], max_len: int) -> list[dict[str, Any]]:
     """For each (dialogue, x, y): the verdict with x shown first and with y shown first, and the
-    outcome for x: "win" (preferred in both orders), "loss", "tie", or "unjudged" (too long)."""
+    outcome for x: "win" (preferred in both orders), "loss", "tie", or "unjudged" (too long).
+
+    `margin` is x's log-odds advantage summed over both orders, (log p(A) - log p(B)) with x as A
+    minus the same with x as B: a judge's constant preference for one position cancels in it, so
+    its sign (`debiased`) still separates the replies when the verdicts split on position."""
     ask_idx = [i for i, (_, x, y) in enumerate(items) if x.strip() != y.strip()]
     asked = [items[i] for i in ask_idx]
     swapped = [(d, y, x) for d, x, y in asked]
     verdicts = ask(llm, tokenizer, asked + swapped, max_len)
-    results = [{"x_first": None, "y_first": None, "outcome": "tie"} for _ in items]
+    same = {"x_first": None, "y_first": None, "outcome": "tie", "margin": 0.0, "debiased": "tie"}
+    results = [dict(same) for _ in items]
     for k, i in enumerate(ask_idx):
         first, second = verdicts[k], verdicts[k + len(asked)]
-        results[i] = {"x_first": first, "y_first": second, "outcome": outcome(first, second)}
+        if first is None or second is None:
+            results[i] = {**same, "outcome": "unjudged", "margin": None, "debiased": "unjudged"}
+            continue
+        margin = first[1] - second[1]
+        results[i] = {
+            "x_first": first[0],
+            "y_first": second[0],
+            "outcome": outcome(first[0], second[0]),
+            "margin": margin,
+            "debiased": "win" if margin > 0 else "loss" if margin < 0 else "tie",
+        }
     return results
 
 
@@ -77,14 +90,25 @@ def outcome(x_first: str | None, y_first: str | None) -> str:
 
 
 def win_rates(results: list[dict[str, Any]]) -> dict[str, Any]:
-    counts = {k: sum(r["outcome"] == k for r in results) for k in ("win", "tie", "loss")}
-    n = sum(counts.values())
-    rates = {f"{k}_rate": (v / n if n else None) for k, v in counts.items()}
+    """Win / tie / loss shares of the judged pairs (both verdicts), and the same by the sign of
+    the position-debiased margin."""
+    judged = [r for r in results if r["outcome"] != "unjudged"]
+    n = len(judged)
+
+    def share(key: str, value: str) -> float | None:
+        return sum(r[key] == value for r in judged) / n if n else None
+
     return {
         "pairs": n,
-        **{f"{k}s": v for k, v in counts.items()},
-        **rates,
-        "unjudged": sum(r["outcome"] == "unjudged" for r in results),
+        "wins": sum(r["outcome"] == "win" for r in judged),
+        "ties": sum(r["outcome"] == "tie" for r in judged),
+        "losses": sum(r["outcome"] == "loss" for r in judged),
+        "win_rate": share("outcome", "win"),
+        "tie_rate": share("outcome", "tie"),
+        "loss_rate": share("outcome", "loss"),
+        "debiased_win_rate": share("debiased", "win"),
+        "debiased_loss_rate": share("debiased", "loss"),
+        "unjudged": len(results) - n,
     }
 
 
@@ -141,6 +165,7 @@ def judge_check(llm, tokenizer, pairs: list[dict], max_len: int) -> dict[str, An
         "agreement_both_orders": sum(r["outcome"] == "win" for r in judged) / n,
         "disagreement_both_orders": sum(r["outcome"] == "loss" for r in judged) / n,
         "position_consistency": sum(r["outcome"] in ("win", "loss") for r in judged) / n,
+        "debiased_agreement": sum(r["debiased"] == "win" for r in judged) / n,
         "picks_a_rate": picks_a / (2 * n),
         "unjudged": len(results) - n,
     }

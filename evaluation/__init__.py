@@ -1,0 +1,1 @@
+"""`pipeline evaluate`: models on held-out dialogues; metrics, LLM judge, report."""

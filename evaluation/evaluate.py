@@ -1,0 +1,389 @@
+"""`pipeline evaluate`: every model answers held-out dialogues; metrics, LLM judge, report.
+
+    pipeline evaluate --pipeline demo
+    pipeline evaluate --input data/demo/test.csv --model teacher \
+        --model student=models/smollm2-135m-student-6l --model runs/demo/student --output /tmp/eval
+
+For each model, one vLLM engine at a time (greedy decoding):
+  1. replies: the student prompt (the dialogue only, `prompts.student_prompt`), as deployed;
+  2. emotion: PRIDE's reasoning prompt without privileged notes, primed with "Emotion:", a few
+     tokens, parsed with `prompts.parse_teacher_output`; a model that cannot follow it scores low;
+  3. cost: parameters, generated reply tokens per second, peak RSS of the engine's processes.
+Then the judge (by default the teacher, whose engine is kept for it when the teacher is one of the
+models) compares every model's replies with the baseline's in both orders (evaluate/judge.py) and
+checks itself against human ratings. Reference metrics (BLEU-4, ROUGE-L, BERTScore-F1) count the
+examples that have a reference. Output: metrics.json, replies.jsonl, report.md, PNG charts,
+rejects.jsonl and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from evaluation import judge, metrics, report
+from shared import prompts
+from shared.config import MODEL_KEYWORDS, PipelineConfig, split_model_spec, write_resolved
+from shared.errors import PipelineError
+from shared.models import ensure_model, load_tokenizer
+from shared.readers import Example, Reject, read_examples
+from shared.schema import atomic_write_text
+
+# ----------------------------------------------------------------------------- setup
+
+
+def model_folders(cfg: PipelineConfig) -> dict[str, Path]:
+    """Model name -> folder, in report order; the embedded default's folders are built if needed."""
+    keyword = {"teacher": cfg.teacher.model, "student": cfg.student.model}
+    folders = {}
+    for spec in cfg.evaluate.models:
+        name, target = split_model_spec(spec)
+        folders[name] = ensure_model(keyword[target] if target in MODEL_KEYWORDS else Path(target))
+    return folders
+
+
+def judge_folder(cfg: PipelineConfig) -> Path:
+    j = cfg.evaluate.judge
+    keyword = {"teacher": cfg.teacher.model, "student": cfg.student.model}
+    return ensure_model(keyword.get(j) or Path(j))
+
+
+def read_inputs(cfg: PipelineConfig) -> tuple[list[Example], list[Reject], int]:
+    """Examples (of `evaluate.split`, if set), rejects, and the count of other-split examples."""
+    ev = cfg.evaluate
+    fmt = None if ev.format == "auto" else ev.format
+    examples, rejects = [], []
+    for path in ev.inputs:
+        ex, rej = read_examples(Path(path), fmt)
+        examples += ex
+        rejects += rej
+    kept = [e for e in examples if ev.split is None or e.split == ev.split]
+    return kept, rejects, len(examples) - len(kept)
+
+
+def fit_examples(cfg, tokenizers: dict, examples: list[Example], rejects: list[Reject]):
+    """Drop duplicates and dialogues too long for any model's context (they become rejects)."""
+    ev = cfg.evaluate
+    max_len = engine_settings(cfg).get("max_model_len", 2048)
+    kept, seen = [], set()
+    for ex in examples:
+        if ex.example_id in seen:
+            continue
+        seen.add(ex.example_id)
+        need = 0
+        for tok in tokenizers.values():
+            reply = tok(prompts.student_prompt(tok, ex.dialogue), add_special_tokens=False)
+            emo = tok(prompts.teacher_prompt(tok, ex.dialogue, {}), add_special_tokens=False)
+            need = max(
+                need,
+                len(reply["input_ids"]) + ev.max_new_tokens,
+                len(emo["input_ids"]) + ev.emotion_max_tokens,
+            )
+        if need > max_len:
+            reason = f"dialogue too long: needs {need} tokens > max_model_len {max_len}"
+            rejects.append(Reject(ex.origin, reason, json.dumps(ex.dialogue)[:500]))
+            continue
+        kept.append(ex)
+    return kept[: ev.limit] if ev.limit else kept
+
+
+def engine_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    return {**cfg.teacher.engine, **cfg.evaluate.engine}
+
+
+def count_parameters(folder: Path) -> int:
+    """Parameters from the safetensors headers (shapes only; no weights are loaded)."""
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                n = 1
+                for dim in entry["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process's children (vLLM's engine-core and worker
+    processes) in a background thread; `peak_mib` is the highest sum seen."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def start_engine(cfg: PipelineConfig, folder: Path):
+    from vllm import LLM
+
+    return LLM(str(folder), **engine_settings(cfg))
+
+
+def stop_engine(llm) -> None:
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
+def generate(llm, tokenizer, texts: list[str], max_tokens: int, stop=None) -> tuple[list, int]:
+    """Greedy generation from prompt texts; returns (decoded texts, generated token count)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop)
+    ids = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    outs = llm.generate(ids, params, use_tqdm=False)
+    return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def run_model(cfg, llm, tokenizer, examples: list[Example]) -> dict[str, Any]:
+    """Replies (student prompt) and named emotions (reasoning prompt, no privileged notes)."""
+    ev = cfg.evaluate
+    t0 = time.time()
+    texts = [prompts.student_prompt(tokenizer, ex.dialogue) for ex in examples]
+    replies, n_tokens = generate(llm, tokenizer, texts, ev.max_new_tokens)
+    seconds = time.time() - t0
+    texts = [prompts.teacher_prompt(tokenizer, ex.dialogue, {}) for ex in examples]
+    named, _ = generate(llm, tokenizer, texts, ev.emotion_max_tokens, stop=["\n"])
+    return {
+        "replies": [r.strip() for r in replies],
+        "emotions": [prompts.parse_teacher_output(n).emotion for n in named],
+        "generated_tokens": n_tokens,
+        "generation_seconds": round(seconds, 2),
+    }
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score(examples: list[Example], run: dict[str, Any], encoder, ref_vectors) -> dict[str, Any]:
+    """Every metric of one model's replies (pure functions from evaluate/metrics.py)."""
+    tokens = [metrics.tokenize(r) for r in run["replies"]]
+    with_ref = [i for i, ex in enumerate(examples) if ex.reference]
+    refs = {i: metrics.tokenize(examples[i].reference) for i in with_ref}
+    reply_vectors = encoder.embed([run["replies"][i] for i in with_ref])
+    gold = [i for i, ex in enumerate(examples) if ex.emotion]
+    named = [run["emotions"][i] for i in gold]
+    return {
+        "examples": len(examples),
+        "with_reference": len(with_ref),
+        "bertscore_f1": metrics.mean(
+            [metrics.bertscore_f1(c, r) for c, r in zip(reply_vectors, ref_vectors, strict=True)]
+        ),
+        "bleu4": metrics.mean([metrics.bleu4(tokens[i], refs[i]) for i in with_ref]),
+        "rouge_l": metrics.mean([metrics.rouge_l(tokens[i], refs[i]) for i in with_ref]),
+        "distinct_1": metrics.distinct(tokens, 1),
+        "distinct_2": metrics.distinct(tokens, 2),
+        "mean_reply_words": metrics.mean([len(t) for t in tokens]),
+        "empty_replies": sum(not r for r in run["replies"]),
+        "with_gold_emotion": len(gold),
+        "emotion_accuracy": metrics.mean(
+            [float(e == examples[i].emotion) for e, i in zip(named, gold, strict=True)]
+        ),
+        "emotion_named_rate": metrics.mean([float(e is not None) for e in named]),
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    t_start = time.time()
+    ev = cfg.evaluate
+    out = ev.output
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+
+    # Everything that can fail without an engine fails here, before the first engine starts.
+    examples, rejects, other_split = read_inputs(cfg)
+    n_read = len(examples) + len(rejects) + other_split
+    folders = model_folders(cfg)
+    baseline = ev.baseline or next(iter(folders))
+    if baseline not in folders:
+        raise PipelineError(
+            f"baseline {baseline!r} is not one of the models ({', '.join(folders)}); "
+            "pass --baseline NAME or set evaluate.baseline"
+        )
+    judge_dir = judge_folder(cfg)
+    tokenizers = {name: load_tokenizer(folder) for name, folder in folders.items()}
+    judge_tok = load_tokenizer(judge_dir)
+    examples = fit_examples(cfg, tokenizers, examples, rejects)
+    if not examples:
+        raise PipelineError(f"no usable dialogues in {', '.join(map(str, ev.inputs))}")
+    check_pairs, check_note = judge.rated_pairs(ev.judge_check_data, ev.judge_check_pairs, ev.seed)
+    max_len = engine_settings(cfg).get("max_model_len", 2048)
+
+    # The model whose folder is the judge's goes last, and its engine stays up for judging.
+    order = sorted(folders, key=lambda n: folders[n].resolve() == judge_dir.resolve())
+    need_judge = len(folders) > 1 or bool(check_pairs)
+    runs: dict[str, dict[str, Any]] = {}
+    llm = None
+    for name in order:
+        print(f"evaluate: {name} ({folders[name]}) on {len(examples)} dialogues", flush=True)
+        with PeakRSS() as mem:
+            t0 = time.time()
+            llm = start_engine(cfg, folders[name])
+            startup = time.time() - t0
+            runs[name] = run_model(cfg, llm, tokenizers[name], examples)
+        runs[name].update(
+            parameters=count_parameters(folders[name]),
+            weights_mib=round(
+                sum(f.stat().st_size for f in folders[name].glob("*.safetensors")) / 2**20, 1
+            ),
+            engine_startup_seconds=round(startup, 1),
+            peak_engine_rss_mib=mem.peak_mib,
+        )
+        keep = need_judge and name == order[-1] and folders[name].resolve() == judge_dir.resolve()
+        if not keep:
+            stop_engine(llm)
+            llm = None
+
+    runs = {name: runs[name] for name in folders}  # back to report order
+    t_judge = time.time()
+    if need_judge and llm is None:
+        llm = start_engine(cfg, judge_dir)
+    if need_judge:
+        print(f"evaluate: judging with {judge_dir}", flush=True)
+    verdicts = {}
+    for name in folders:
+        if name != baseline:
+            items = [
+                (ex.dialogue, x, y)
+                for ex, x, y in zip(
+                    examples, runs[name]["replies"], runs[baseline]["replies"], strict=True
+                )
+            ]
+            verdicts[name] = judge.both_orders(llm, judge_tok, items, max_len)
+    check = judge.judge_check(llm, judge_tok, check_pairs, max_len) if check_pairs else None
+    if llm is not None:
+        stop_engine(llm)
+    judge_seconds = time.time() - t_judge
+
+    encoder = metrics.TokenEncoder(ev.encoder)
+    ref_vectors = encoder.embed([ex.reference for ex in examples if ex.reference])
+    results = {}
+    for name in folders:
+        run = runs[name]
+        results[name] = {
+            "folder": str(folders[name]),
+            **score(examples, run, encoder, ref_vectors),
+            "judge_vs_baseline": judge.win_rates(verdicts[name]) if name in verdicts else None,
+            "parameters": run["parameters"],
+            "weights_mib": run["weights_mib"],
+            "generated_tokens": run["generated_tokens"],
+            "tokens_per_second": round(run["generated_tokens"] / run["generation_seconds"], 1)
+            if run["generation_seconds"]
+            else None,
+            "peak_engine_rss_mib": run["peak_engine_rss_mib"],
+            "engine_startup_seconds": run["engine_startup_seconds"],
+        }
+    summary_metrics = {
+        "input": [str(p) for p in ev.inputs],
+        "examples_read": n_read,
+        "rejected": len(rejects),
+        "other_split": other_split,
+        "examples": len(examples),
+        "baseline": baseline,
+        "judge": str(judge_dir),
+        "encoder": str(encoder.folder),
+        "bertscore": "MiniLM last layer, greedy token matching, no idf, no rescaling",
+        "bleu": "sentence BLEU-4, BLEU+1 smoothing, mean over examples with a reference",
+        "max_new_tokens": ev.max_new_tokens,
+        "models": results,
+        "judge_check": check,
+        "judge_check_note": check_note,
+        "judge_seconds": round(judge_seconds, 1),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(summary_metrics, indent=2) + "\n")
+    write_replies(out / "replies.jsonl", examples, runs, verdicts)
+    atomic_write_text(
+        out / "rejects.jsonl",
+        "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects),
+    )
+    charts = report.write_report(out, summary_metrics, examples, runs, ev.report_examples)
+
+    summary: dict[str, Any] = {
+        "examples_read": n_read,
+        "rejected": len(rejects),
+        "other_split": other_split,
+        "evaluated": len(examples),
+    }
+    for name, r in results.items():
+        win = r["judge_vs_baseline"]
+        verdict = (
+            f", vs {baseline}: win {win['win_rate']:.2f} tie {win['tie_rate']:.2f} "
+            f"loss {win['loss_rate']:.2f} (debiased win {win['debiased_win_rate']:.2f})"
+            if win and win["pairs"]
+            else ""
+        )
+        summary[name] = (
+            f"BERTScore-F1 {report.fmt(r['bertscore_f1'])}, emotion acc "
+            f"{report.fmt(r['emotion_accuracy'])}{verdict}"
+        )
+    summary["judge_check"] = (
+        f"agreement {check['agreement']:.2f} (debiased {check['debiased_agreement']:.2f}) "
+        f"on {check['pairs']} pairs"
+        if check and check["pairs"]
+        else check_note or "no pair could be judged"
+    )
+    summary["charts"] = ", ".join(p.name for p in charts)
+    summary["wall_seconds"] = round(time.time() - t_start, 1)
+    summary["output"] = str(out)
+    return summary
+
+
+def write_replies(path: Path, examples, runs, verdicts) -> None:
+    """One line per example: the dialogue, the reference, and every model's reply and emotion."""
+    lines = []
+    for i, ex in enumerate(examples):
+        row = {
+            "example_id": ex.example_id,
+            "dialogue": ex.dialogue,
+            "reference": ex.reference,
+            "emotion": ex.emotion,
+            "models": {
+                name: {
+                    "reply": run["replies"][i],
+                    "emotion": run["emotions"][i],
+                    **({"judge": verdicts[name][i]} if name in verdicts else {}),
+                }
+                for name, run in runs.items()
+            },
+        }
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))

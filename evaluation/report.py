@@ -1,0 +1,247 @@
+"""report.md and PNG charts from the figures in metrics.json (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shared.schema import atomic_write_text
+
+QUALITY = (
+    ("bertscore_f1", "BERTScore-F1"),
+    ("emotion_accuracy", "emotion acc."),
+    ("bleu4", "BLEU-4"),
+    ("rouge_l", "ROUGE-L"),
+    ("distinct_1", "Distinct-1"),
+    ("distinct_2", "Distinct-2"),
+)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def cell(text: str | None) -> str:
+    """Text safe inside a markdown table cell."""
+    text = (text or "").replace("|", "\\|").replace("\r", "").strip()
+    return text.replace("\n", "<br>") or "*(empty)*"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) -> list[Path]:
+    models = m["models"]
+    charts = write_charts(out, m)
+    baseline = m["baseline"]
+    parts = [
+        "# Evaluation report",
+        f"Input: {', '.join(f'`{p}`' for p in m['input'])}: {m['examples']} dialogues evaluated "
+        f"({m['examples_read']} read, {m['rejected']} rejected (see `rejects.jsonl`), "
+        f"{m['other_split']} of other splits left out). Greedy "
+        f"replies of at most {m['max_new_tokens']} tokens. Judge: `{m['judge']}`; "
+        f"baseline: **{baseline}**.",
+        "## Quality",
+        table(
+            ["model", *[label for _, label in QUALITY], "mean words", "empty"],
+            [
+                [f"**{name}**", *[fmt(r[key]) for key, _ in QUALITY]]
+                + [fmt(r["mean_reply_words"], 1), str(r["empty_replies"])]
+                for name, r in models.items()
+            ],
+        ),
+        f"BLEU-4, ROUGE-L and BERTScore-F1 compare with the dataset's reply "
+        f"({next(iter(models.values()))['with_reference']} dialogues have one). BERTScore: "
+        f"{m['bertscore']}, so unrelated sentences still score well above 0. Emotion accuracy: "
+        "the first word after `Emotion:` under the reasoning prompt (no privileged notes) against "
+        "the gold label; the share of answers that named a word at all: "
+        + ", ".join(f"{n} {fmt(r['emotion_named_rate'], 2)}" for n, r in models.items())
+        + ".",
+        f"## LLM judge: empathy against {baseline}",
+        judge_section(m),
+        "## Cost",
+        table(
+            [
+                "model",
+                "parameters",
+                "weights (MiB)",
+                "generated tokens",
+                "tokens/s",
+                "peak engine RSS (MiB)",
+                "engine start (s)",
+            ],
+            [
+                [
+                    f"**{name}**",
+                    f"{r['parameters'] / 1e6:.1f} M",
+                    fmt(r["weights_mib"], 0),
+                    str(r["generated_tokens"]),
+                    fmt(r["tokens_per_second"], 1),
+                    fmt(r["peak_engine_rss_mib"], 0),
+                    fmt(r["engine_startup_seconds"], 1),
+                ]
+                for name, r in models.items()
+            ],
+        ),
+        "Tokens per second: reply tokens over the wall time of one batched generation of all "
+        "replies (engine start excluded). Peak RSS: the summed resident memory of the engine's "
+        "processes (engine core and workers), sampled every 0.25 s from engine start to the end of "
+        "generation; it includes the KV-cache pages the engine touched "
+        "(`gpu_memory_utilization`: the same budget for every model) and the runtime, not just "
+        "the weights; pages shared between the processes count once per process.",
+        "## Charts",
+        "\n".join(f"![{p.stem}]({p.name})" for p in charts),
+        "## Example replies",
+        examples_section(examples, runs, n_examples),
+    ]
+    atomic_write_text(out / "report.md", "\n\n".join(parts) + "\n")
+    return charts
+
+
+def judge_section(m: dict[str, Any]) -> str:
+    rows = []
+    for name, r in m["models"].items():
+        w = r["judge_vs_baseline"]
+        if w is None:
+            continue
+        rows.append(
+            [f"**{name}**", str(w["pairs"])]
+            + [fmt(w[f"{k}_rate"], 2) for k in ("win", "tie", "loss")]
+            + [fmt(w["debiased_win_rate"], 2), fmt(w["debiased_loss_rate"], 2)]
+            + [str(w["unjudged"])]
+        )
+    text = (
+        table(
+            ["model", "pairs", "win", "tie", "loss", "debiased win", "debiased loss", "unjudged"],
+            rows,
+        )
+        if rows
+        else "Only one model: nothing to judge."
+    )
+    text += (
+        "\n\nEach pair is asked twice with the replies swapped; a model wins only when the judge "
+        "prefers its reply in both orders, a split verdict is a tie. The judge's choice is the "
+        'more likely of its next tokens " A" and " B". *Debiased*: the sign of the reply\'s '
+        "log-odds advantage log p(A) - log p(B) summed over both orders, in which a judge's fixed "
+        "preference for one position cancels (a tie only when exactly equal).\n\n"
+    )
+    c = m["judge_check"]
+    if c and c.get("pairs"):
+        text += (
+            f"**Judge check** (how far to trust the win rates): on {c['pairs']} pairs of rated "
+            "replies whose human ratings differ, the judge sided with the people in "
+            f"**{fmt(c['agreement'], 2)}** of its answers (chance 0.50); in both orders for "
+            f"{fmt(c['agreement_both_orders'], 2)} of the pairs, against them in both orders for "
+            f"{fmt(c['disagreement_both_orders'], 2)}. It picked the same reply in both orders "
+            f'for {fmt(c["position_consistency"], 2)} of the pairs and answered "A" in '
+            f"{fmt(c['picks_a_rate'], 2)} of its answers (0.50 = no position bias). By the "
+            f"debiased log-odds it sides with the people on {fmt(c['debiased_agreement'], 2)} "
+            "of the pairs (chance 0.50)."
+        )
+    else:
+        text += f"**Judge check:** {m['judge_check_note'] or 'no rated pair could be judged'}."
+    return text
+
+
+def examples_section(examples, runs, n: int) -> str:
+    blocks = []
+    for i, ex in enumerate(examples[:n]):
+        lines = [f"### {i + 1}. `{ex.example_id}` (gold emotion: {ex.emotion or 'n/a'})"]
+        lines += [f"> **{t['role']}:** {t['text']}  " for t in ex.dialogue]
+        lines.append("")
+        rows = [["*reference*", cell(ex.reference), ""]]
+        rows += [
+            [f"**{name}**", cell(r["replies"][i]), r["emotions"][i] or ""]
+            for name, r in runs.items()
+        ]
+        lines.append(table(["model", "reply", "named emotion"], rows))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) or "(none requested)"
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def write_charts(out: Path, m: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = m["models"]
+    names = list(models)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        values = [models[name][key] or 0.0 for key, _ in QUALITY]
+        xs = [i + k * width for i in range(len(QUALITY))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(QUALITY))])
+    ax.set_xticklabels([label for _, label in QUALITY])
+    ax.set_ylim(0, 1)
+    ax.set_title("Reply quality (higher is better)")
+    ax.legend()
+    paths.append(save(fig, out / "quality.png"))
+
+    # One bar per verdict rule: both verdicts, and the sign of the debiased log-odds.
+    fig, ax = plt.subplots(figsize=(8, 1.0 * (len(names) + 1) + 1.5))
+    labels, rows = [], []
+    for name in names:
+        w = models[name]["judge_vs_baseline"]
+        if w and w["pairs"]:
+            labels += [name, f"{name}\n(debiased)"]
+            rows.append([w["win_rate"], w["tie_rate"], w["loss_rate"]])
+            win, loss = w["debiased_win_rate"], w["debiased_loss_rate"]
+            rows.append([win, 1 - win - loss, loss])
+    c = m["judge_check"]
+    if c and c.get("pairs"):
+        labels += ["judge check: sides\nwith people", "judge check\n(debiased)"]
+        agree, against = c["agreement_both_orders"], c["disagreement_both_orders"]
+        rows.append([agree, 1 - agree - against, against])
+        rows.append([c["debiased_agreement"], 0.0, 1 - c["debiased_agreement"]])
+    left = [0.0] * len(rows)
+    for j, (part, color) in enumerate(
+        zip(
+            ("win / agrees", "tie / split", "loss / disagrees"),
+            ("tab:green", "0.7", "tab:red"),
+            strict=True,
+        )
+    ):
+        values = [r[j] for r in rows]
+        ax.barh(labels, values, left=left, color=color, label=part)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_title(f"LLM judge, both orders: against {m['baseline']}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    paths.append(save(fig, out / "win_rate.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    panels = (
+        ("parameters (M)", lambda r: r["parameters"] / 1e6),
+        ("generated tokens / s", lambda r: r["tokens_per_second"] or 0.0),
+        ("peak engine RSS (MiB)", lambda r: r["peak_engine_rss_mib"] or 0.0),
+    )
+    for ax, (title, get) in zip(axes, panels, strict=True):
+        ax.bar(names, [get(models[n]) for n in names], color="tab:blue")
+        ax.set_title(title)
+    fig.suptitle("Cost")
+    paths.append(save(fig, out / "cost.png"))
+    return paths
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    tmp.replace(path)
+    return path
