@@ -108,10 +108,6 @@ def inspect(
         _fail(e)
 
 
-def _not_yet(name: str, issue: int) -> None:
-    _fail(PipelineError(f"`pipeline {name}` is not available yet (tracked in issue {issue})"))
-
-
 @app.command("distill")
 def distill(
     config: ConfigOpt = Path("pipelines.yaml"),
@@ -125,7 +121,9 @@ def distill(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="pride, sft, seqkd, kd, pride-no-pi, pride-no-mmd or pride-no-rkl."),
+        typer.Option(
+            help="pride, sft, seqkd, kd, pride-no-pi, pride-no-mmd, pride-no-rkl or sft-dpo."
+        ),
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in total.")] = None,
     fresh: Annotated[
@@ -221,8 +219,17 @@ def evaluate(
 def run(
     config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None
 ) -> None:
-    """Run a whole named pipeline: teacher-cache, distill, evaluate (not available yet)."""
-    _not_yet("run", 4)
+    """Run a whole named pipeline: teacher-cache, distill (+ `run.baselines`), evaluate; stages
+    whose outputs are complete are skipped. Prints and saves a table of the stages' times."""
+    try:
+        cfg = _config(config, pipeline, set_, [])
+        from run_pipeline import format_table, main
+
+        summary = main(cfg)
+    except PipelineError as e:
+        _fail(e)
+    typer.echo(f"\npipeline run {cfg.name}\n{format_table(summary['stages'])}")
+    typer.echo(f"  (written to {summary['summary']})")
 
 
 def main() -> None:

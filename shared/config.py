@@ -9,7 +9,7 @@ resolved against the folder of the YAML file, so a config works from any working
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -55,6 +55,18 @@ class MediaConfig(Strict):
     image_size: int | None = Field(None, ge=1)  # scale the longer side down to this (None: keep)
 
 
+class ImproveConfig(Strict):
+    """Xie et al.'s targeted empathy improvement: the teacher rewrites a base reply."""
+
+    # plain: "improve this reply"; all: the three empathy dimensions at once; weakest: find the
+    # weakest dimension, improve it; named: improve `dimension`; sequential: the three in turn
+    # over a three-turn exchange.
+    strategy: Literal["plain", "all", "weakest", "named", "sequential"] = "all"
+    dimension: Literal["cognitive", "affective", "compassionate"] = "affective"
+    # The reply to improve: the dataset's own (human) reply, or the teacher's first answer.
+    base: Literal["reference", "teacher"] = "reference"
+
+
 class TeacherCacheConfig(Strict):
     inputs: list[Path] = Field(default_factory=lambda: [Path("data/demo/train.csv")])
     format: Literal["auto", "ed_csv", "wp_csv", "jsonl"] = "auto"
@@ -70,6 +82,9 @@ class TeacherCacheConfig(Strict):
     feature_engine: dict[str, Any] = Field(default_factory=dict)
     # Images and video frames for a vision-language teacher (ignored by a text teacher).
     media: MediaConfig = Field(default_factory=MediaConfig)
+    # answer: the empathy-reasoning prompt (PRIDE); improve: rewrite a base reply (Xie et al.)
+    mode: Literal["answer", "improve"] = "answer"
+    improve: ImproveConfig = Field(default_factory=ImproveConfig)
 
 
 class LossWeights(Strict):
@@ -85,11 +100,20 @@ class DistillConfig(Strict):
     output: Path = Path("runs/demo/student")
     # pride = CE + reverse KL + MMD with multi-source attention; the rest are the paper's baselines
     # (sft: CE on the dataset's reference; seqkd: CE on the teacher's reply; kd: CE + forward KL)
-    # and ablations (pride without privileged information, without MMD, without reverse KL).
+    # and ablations (pride without privileged information, without MMD, without reverse KL);
+    # sft-dpo: Xie et al.'s two steps on an improve-mode cache (stage2_distill/two_step.py).
     method: Literal[
-        "pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"
+        "pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl", "sft-dpo"
     ] = "pride"
-    max_steps: int = Field(200, ge=1)  # optimizer steps in total, across resumed runs
+    # Optimizer steps in total, across resumed runs (sft-dpo: sft_steps + dpo_steps instead).
+    max_steps: int = Field(200, ge=1)
+    # sft-dpo: step one, CE on the improved replies (and on the originals too with
+    # sft_on_originals); step two, sigmoid DPO with chosen = improved, rejected = original and the
+    # step-one model as the frozen reference.
+    sft_steps: int = Field(100, ge=0)
+    dpo_steps: int = Field(100, ge=1)
+    dpo_beta: float = Field(0.1, gt=0.0)
+    sft_on_originals: bool = False
     # A DeepSpeed config file (ZeRO stage, optimizer, clipping); batch sizes and the learning rate
     # are filled in from the keys below, so one file serves every pipeline.
     deepspeed: Path = Path("configs/zero2.json")
@@ -167,6 +191,29 @@ class EvaluateConfig(Strict):
         return models
 
 
+STAGES = ("teacher-cache", "distill", "evaluate")
+
+
+class RunConfig(Strict):
+    """`pipeline run`: the stages in order, each skipped when its output is complete."""
+
+    stages: list[Literal["teacher-cache", "distill", "evaluate"]] = Field(
+        default_factory=lambda: list(STAGES), min_length=1
+    )
+    # Baseline methods, each trained by distill (same cache and settings, its own method) into
+    # `<distill.output>-<method>` and evaluated beside the pipeline's student, e.g. [sft].
+    baselines: list[str] = Field(default_factory=list)
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_methods(cls, baselines: list[str]) -> list[str]:
+        methods = get_args(DistillConfig.model_fields["method"].annotation)
+        unknown = [b for b in baselines if b not in methods]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; one of {', '.join(methods)}")
+        return list(dict.fromkeys(baselines))
+
+
 class PipelineConfig(Strict):
     name: str = "demo"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -174,6 +221,7 @@ class PipelineConfig(Strict):
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
     def resolve_paths(self, base: Path) -> PipelineConfig:
         """Make every relative path absolute against `base` (the YAML file's folder)."""

@@ -87,8 +87,15 @@ def render_notes(privileged: dict[str, str]) -> str:
     return NOTES_HEADER + "\n".join(lines) + "\n\n"
 
 
-def teacher_prompt(tokenizer, dialogue: list[dict], privileged: dict[str, str]) -> str:
-    """The full teacher prompt as text (chat template applied, answer primed)."""
+def teacher_prompt(
+    tokenizer, dialogue: list[dict], privileged: dict[str, str], n_images: int = 0
+) -> str:
+    """The full teacher prompt as text (chat template applied, answer primed).
+
+    With `n_images` (a vision-language teacher; `tokenizer` is then its processor) the dialogue's
+    user turn starts with that many image items, and the model's own chat template writes its
+    image placeholders (LLaVA's `<image>`, Qwen2.5-VL's vision pads) where the model expects them.
+    """
 
     def user(dialogue: list[dict], privileged: dict[str, str]) -> dict:
         text = TEACHER_USER.format(
@@ -102,6 +109,9 @@ def teacher_prompt(tokenizer, dialogue: list[dict], privileged: dict[str, str]) 
         {"role": "assistant", "content": EXAMPLE_ANSWER},
         user(dialogue, privileged),
     ]
+    if n_images:
+        text = [{"type": "text", "text": messages[-1]["content"]}]
+        messages[-1]["content"] = [{"type": "image"}] * n_images + text
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + ANSWER_PREFIX
 
@@ -205,3 +215,129 @@ def judge_choice_ids(tokenizer) -> tuple[int, int]:
     if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
         raise ValueError(f"the judge's tokenizer does not encode {JUDGE_CHOICES} as single tokens")
     return ids[0][0], ids[1][0]
+
+
+# --- targeted empathy improvement (Xie et al.; the prompts are this project's own) -------------
+# The teacher rewrites a base reply (the dataset's own, or its own first answer). Its answer is
+# primed with IMPROVED_PREFIX; "weakest" first names the dimension it will improve.
+
+IMPROVE_SYSTEM = (
+    "You are an expert in empathetic communication. Empathy has three dimensions: cognitive "
+    "(understanding the speaker's point of view and situation), affective (recognising and "
+    "sharing their feelings) and compassionate (caring about them and offering support). "
+    "You rewrite replies so they are more empathetic, short and natural."
+)
+
+DIMENSIONS = {
+    "cognitive": "show that you understand the speaker's situation and point of view",
+    "affective": "recognise and reflect the speaker's feelings",
+    "compassionate": "show care and offer support or help",
+}
+
+IMPROVE_TASKS = {
+    "plain": "Improve this reply.",
+    "all": (
+        "Rewrite the reply so it is empathetic in all three dimensions at once: "
+        + "; ".join(f"{d}: {what}" for d, what in DIMENSIONS.items())
+        + "."
+    ),
+    "weakest": (
+        "Decide which empathy dimension (cognitive, affective or compassionate) the reply shows "
+        "least, then rewrite the reply to improve that dimension. Answer as:\n"
+        "Weakest: <dimension>\nImproved reply: <the rewritten reply>"
+    ),
+    "named": "Rewrite the reply to improve its {dimension} empathy: {what}.",
+}
+SEQUENCE = ("cognitive", "affective", "compassionate")  # "sequential": one turn each
+SEQUENCE_TASK = "Now rewrite your last reply to improve its {dimension} empathy: {what}."
+
+IMPROVE_USER = """Conversation:
+{dialogue}
+
+Reply to improve: {reply}
+
+{task}"""
+
+IMPROVED_PREFIX = "Improved reply:"
+WEAKEST_PREFIX = "Weakest:"
+_IMPROVED_RE = re.compile(r"^[ \t]*\**[ \t]*Improved reply[ \t]*\**[ \t]*:[ \t]*\**", re.I | re.M)
+
+
+def improve_task(strategy: str, dimension: str, turn: int = 0) -> str:
+    """The instruction of one turn: turn 0 for every strategy, turns 1-2 for "sequential"."""
+    if strategy == "sequential":
+        d = SEQUENCE[turn]
+        return (
+            IMPROVE_TASKS["named"].format(dimension=d, what=DIMENSIONS[d])
+            if turn == 0
+            else (SEQUENCE_TASK.format(dimension=d, what=DIMENSIONS[d]))
+        )
+    task = IMPROVE_TASKS[strategy]
+    return (
+        task.format(dimension=dimension, what=DIMENSIONS[dimension])
+        if strategy == "named"
+        else task
+    )
+
+
+def improve_turns(strategy: str) -> int:
+    return len(SEQUENCE) if strategy == "sequential" else 1
+
+
+def improve_prompt(
+    tokenizer, dialogue: list[dict], base: str, strategy: str, dimension: str, earlier: list[str]
+) -> str:
+    """The improvement prompt for turn len(earlier): the chat so far, answer primed.
+
+    `earlier` holds the teacher's improved replies of the previous turns ("sequential" only), so
+    the last turn is conditioned on exactly the exchange the teacher had."""
+    first = IMPROVE_USER.format(
+        dialogue=render_dialogue(dialogue),
+        reply=base.strip(),
+        task=improve_task(strategy, dimension),
+    )
+    messages = [{"role": "system", "content": IMPROVE_SYSTEM}, {"role": "user", "content": first}]
+    for turn, reply in enumerate(earlier, start=1):
+        messages.append({"role": "assistant", "content": f"{IMPROVED_PREFIX} {reply}"})
+        messages.append({"role": "user", "content": improve_task(strategy, dimension, turn)})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + (WEAKEST_PREFIX if strategy == "weakest" else IMPROVED_PREFIX)
+
+
+def improve_template_text() -> dict[str, Any]:
+    return {
+        "system": IMPROVE_SYSTEM,
+        "user": IMPROVE_USER,
+        "tasks": IMPROVE_TASKS,
+        "dimensions": DIMENSIONS,
+        "sequence_task": SEQUENCE_TASK,
+        "prefixes": [IMPROVED_PREFIX, WEAKEST_PREFIX],
+        "stop": STOP,
+    }
+
+
+def parse_improved_output(generated: str, strategy: str) -> TeacherOutput:
+    """Split an improvement answer (the text generated after the primed prefix).
+
+    For "weakest" the first line names the dimension (kept as reasoning) and the reply follows an
+    "Improved reply:" marker; otherwise the whole answer is the reply. Without the marker the
+    weakest answer falls back to everything after the first line, flagged parse_ok=False."""
+    if strategy != "weakest":
+        lead = len(generated) - len(generated.lstrip())
+        reply = generated.strip()
+        return TeacherOutput(None, "", reply, lead, lead + len(reply), bool(reply))
+    m = _IMPROVED_RE.search(generated)
+    if m:
+        body = generated[m.end() :]
+        lead = len(body) - len(body.lstrip())
+        reply = body.strip()
+        reasoning = WEAKEST_PREFIX + generated[: m.start()].rstrip()
+        start = m.end() + lead
+        return TeacherOutput(None, reasoning, reply, start, start + len(reply), bool(reply))
+    newline = generated.find("\n")
+    start = newline + 1 if newline >= 0 else 0
+    body = generated[start:]
+    lead = len(body) - len(body.lstrip())
+    reply = body.strip()
+    reasoning = WEAKEST_PREFIX + generated[:start].rstrip()
+    return TeacherOutput(None, reasoning, reply, start + lead, start + lead + len(reply), False)

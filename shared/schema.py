@@ -8,6 +8,9 @@ Top-k encoding: for reply token t, `topk_token_ids[t]` holds the teacher's k mos
 ids (descending) and `topk_logprobs[t]` their raw log-probabilities (temperature 1, log-softmax over
 the full vocabulary), conditioned on `teacher_context_token_ids + response_token_ids[:t]`;
 `target_logprob[t]` is the log-probability of `response_token_ids[t]` itself.
+In the improvement mode the columns are the same, the reply being the teacher's rewrite of
+`base_response`; the pair (chosen = `teacher_response`, rejected = `base_response`) is what
+preference training reads.
 `teacher_features` is the teacher's last hidden state (final norm applied) at each reply position,
 L2-normalised per token, then averaged over the reply.
 """
@@ -26,7 +29,7 @@ import pyarrow.parquet as pq
 
 from shared.errors import PipelineError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: improvement_strategy + base_response (preference pairs)
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SHARD_GLOB = "shard-*.parquet"
@@ -59,6 +62,11 @@ SHARD_SCHEMA = pa.schema(
         ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
         ("target_logprob", pa.list_(pa.float32())),
         ("teacher_features", pa.list_(pa.float32())),
+        # Targeted empathy improvement (Xie et al.): the teacher rewrote `base_response` with this
+        # strategy; teacher_response is the improved reply. A preference pair is
+        # (chosen = teacher_response, rejected = base_response). Both null in the answer mode.
+        ("improvement_strategy", pa.string()),
+        ("base_response", pa.string()),
     ]
 )
 
@@ -78,6 +86,7 @@ SETTING_KEYS = (
     "max_new_tokens",
     "prompt_template_sha256",
     "feature_dim",
+    "media",  # frames / image size a vision-language teacher saw (None for a text teacher)
 )
 
 

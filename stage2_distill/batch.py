@@ -26,8 +26,9 @@ def encode_row(
     max_len: int,
     privileged_max_tokens: int,
 ) -> dict[str, Any]:
-    """One example. `target`: "teacher" (its reply and top-k) or "reference" (CE on the dataset's
-    reply, for sft). Rows are assumed usable (see `usable`)."""
+    """One example. `target`: "teacher" (its reply and top-k), "reference" (CE on the dataset's
+    reply, for sft) or "base" (the reply an improve-mode teacher rewrote: the rejected side of a
+    preference pair). Rows are assumed usable (see `usable`)."""
     eos = tokenizer.eos_token_id
     prompt = tokenizer(student_prompt(tokenizer, row["dialogue"]), add_special_tokens=False)
     prompt = prompt["input_ids"]
@@ -37,7 +38,8 @@ def encode_row(
         topk_ids, topk_lps = row["topk_token_ids"], row["topk_logprobs"]
         features = row["teacher_features"] or None
     else:
-        reply = tokenizer(row["reference"].strip(), add_special_tokens=False)["input_ids"]
+        text = row["reference" if target == "reference" else "base_response"].strip()
+        reply = tokenizer(text, add_special_tokens=False)["input_ids"]
         n_kl, topk_ids, topk_lps, features = 0, [], [], None
     n_feat = n_kl  # the teacher pooled over its own reply tokens, not over an appended EOS
     if not reply or reply[-1] != eos:
@@ -69,6 +71,8 @@ def encode_row(
 def usable(row: dict[str, Any], *, target: str, skip_unparsed: bool) -> bool:
     if target == "reference":
         return bool((row.get("reference") or "").strip())
+    if target == "pair" and not (row.get("base_response") or "").strip():
+        return False  # sft-dpo needs the original beside the improved reply
     if not row["response_token_ids"]:
         return False
     return not (skip_unparsed and row.get("teacher_parse_ok") is False)

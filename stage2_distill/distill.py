@@ -9,6 +9,7 @@ checkpoints/, metrics.jsonl, tensorboard/, loss.png, summary.json and final/ (th
 plain Hugging Face folder). Rerunning on the same output resumes from the last checkpoint,
 stream position included; shards the cache gained since then are trained on next (the step
 budget grows to cover them once); `distill.fresh=true` (`--fresh`) starts over.
+`distill.method: sft-dpo` (Xie et al.'s SFT then DPO) is laid out in stage2_distill/two_step.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shared.config import LossWeights, PipelineConfig, load_config, write_resolv
 from shared.errors import PipelineError
 from shared.models import ensure_model, load_tokenizer, tokenizer_fingerprint
 from shared.schema import atomic_write_text, verify_cache
-from stage2_distill import losses
+from stage2_distill import losses, two_step
 from stage2_distill.batch import collate, encode_row, usable
 from stage2_distill.stream import ShardStream, check_shards
 
@@ -43,6 +44,7 @@ METHODS: dict[str, tuple[tuple[str, ...], bool, str]] = {
     "sft": (("ce",), False, "reference"),
     "seqkd": (("ce",), False, "teacher"),
     "kd": (("ce", "fkl"), False, "teacher"),
+    "sft-dpo": (("ce",), False, "pair"),  # the loop calls two_step for its losses
 }
 MODEL_INPUTS = ("input_ids", "attention_mask", "pred_rows", "pred_cols")
 FEATURE_INPUTS = ("feat_rows", "feat_cols", "feat_index")
@@ -114,6 +116,30 @@ def read_resume(ckpt_dir: Path, rank: int, world_size: int, method: str) -> dict
     return {**state, "tag": tag}
 
 
+def is_done(cfg: PipelineConfig) -> bool:
+    """Would rerunning train nothing? True when `distill.output` holds final/ and summary.json
+    written after a last checkpoint of this method at its full step count that had read every
+    shard the cache lists now (a new shard means more training). `pipeline run` skips on it."""
+    d = cfg.distill
+    latest = d.output / "checkpoints" / "latest"
+    final, summary = d.output / "final" / "config.json", d.output / "summary.json"
+    if d.fresh or not (latest.is_file() and final.is_file() and summary.is_file()):
+        return False
+    try:
+        state_path = latest.parent / latest.read_text().strip() / "run_state_rank0.json"
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        manifest = json.loads((d.shards / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # let main() say what is wrong
+    want = d.sft_steps + d.dpo_steps if d.method == "sft-dpo" else d.max_steps
+    return (
+        state["method"] == d.method
+        and state["step"] == state["total_steps"] >= want
+        and {s["file"] for s in manifest["shards"]} <= set(state["stream"]["known"])
+        and summary.stat().st_mtime >= final.stat().st_mtime
+    )
+
+
 def compute_losses(
     out: dict, batch: dict, terms: tuple[str, ...], w: LossWeights, temperature: float
 ):
@@ -171,8 +197,10 @@ def plot_losses(metrics_path: Path, target: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in [k for k in rows[0] if k not in ("step", "lr", "seconds")]:
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    keys = dict.fromkeys(k for r in rows for k in r if k not in ("step", "lr", "seconds"))
+    for key in keys:  # sft-dpo logs other terms in each of its two steps
+        have = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in have], [r[key] for r in have], label=key)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -188,6 +216,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     t_start = time.time()
     d = cfg.distill
     terms, use_privileged, target = METHODS[d.method]
+    two = d.method == "sft-dpo"
 
     # 1. The contract, before anything heavy: the cache must fit the student's tokenizer.
     student_dir = ensure_model(cfg.student.model)
@@ -201,6 +230,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     check_shards(d.shards, manifest)
     if not manifest["shards"]:
         raise PipelineError(f"{d.shards}: the cache has no shards; run `pipeline teacher-cache`")
+    if two:
+        two_step.check_pairs(d.shards, manifest)
     settings = manifest["settings"]
     if "mmd" in terms and not settings.get("feature_dim"):
         terms = tuple(t for t in terms if t != "mmd")  # the cache was built with features off
@@ -218,7 +249,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     out, ckpt_dir = d.output, d.output / "checkpoints"
     if d.fresh and rank == 0:
-        for name in ("checkpoints", "tensorboard", "final", "metrics.jsonl", "summary.json"):
+        names = ("checkpoints", "tensorboard", "final", two_step.REFERENCE, "metrics.jsonl")
+        for name in (*names, "summary.json"):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -237,7 +269,14 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     new_shards = [s for s in manifest["shards"] if resume and s["file"] not in known]
     per_step = d.micro_batch_size * d.grad_accum * world
     total_steps = max(d.max_steps, resume["total_steps"] if resume else 0)
-    if new_shards:  # cover the new rows once, even when the old budget is spent
+    if two:  # a fixed length: new shards are read next, but extend neither step
+        total_steps = d.sft_steps + d.dpo_steps
+        if resume and resume.get("phase") != two_step.phase(d.sft_steps, step):
+            raise PipelineError(
+                f"{ckpt_dir} was saved before a {resume.get('phase')} step, which "
+                f"distill.sft_steps={d.sft_steps} contradicts: keep it, or use --fresh"
+            )
+    elif new_shards:  # cover the new rows once, even when the old budget is spent
         new_rows = sum(s["rows"] for s in new_shards)
         total_steps = max(total_steps, step + math.ceil(new_rows / per_step))
     if rank == 0:
@@ -284,20 +323,21 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
 
-    def next_batch() -> dict:
-        rows = [next(stream) for _ in range(d.micro_batch_size)]
+    def make_batch(rows: list[dict], targets: list[str]) -> dict:
+        """Each row encoded for each target (target-major order), collated, on the device."""
         examples = [
             encode_row(
                 r,
                 tokenizer,
-                target=target,
+                target=t,
                 sources=sources,
                 max_len=d.max_seq_len,
                 privileged_max_tokens=d.privileged_max_tokens,
             )
+            for t in targets
             for r in rows
         ]
-        return collate(examples, pad_id, settings["top_k"], sources)
+        return to_device(collate(examples, pad_id, settings["top_k"], sources))
 
     def to_device(x):
         if isinstance(x, torch.Tensor):
@@ -316,22 +356,34 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     metrics = metrics_path.open("a", encoding="utf-8") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"distill {d.method}")
+    reference = None  # sft-dpo: the frozen step-one model, once step two begins
+    if two and step == 0 and d.sft_steps == 0:
+        two_step.save_reference(engine, tokenizer, out, rank)  # DPO from the base student
     engine.train()
     t_loop = time.time()
     while step < total_steps:
         t0 = time.time()
         sums: dict[str, float] = {}
+        in_dpo = two and step >= d.sft_steps
+        if in_dpo and reference is None:
+            reference = two_step.load_reference(out, engine.device, base.dtype)
         for micro in range(d.grad_accum):
-            batch = to_device(next_batch())
+            rows = [next(stream) for _ in range(d.micro_batch_size)]
             # Seeded by position, not by history: privileged dropout draws the same masks
             # whether or not the run was stopped and resumed.
             torch.manual_seed(d.seed + 7919 * ((step * d.grad_accum + micro) * world + rank))
-            inputs = {k: batch[k] for k in MODEL_INPUTS}
-            if model.proj is not None:
-                inputs.update({k: batch[k] for k in FEATURE_INPUTS})
-            if model.msa is not None:
-                inputs["privileged"] = batch["privileged"]
-            values = compute_losses(engine(**inputs), batch, terms, d.weights, d.temperature)
+            if in_dpo:
+                values = two_step.dpo_values(engine, reference, rows, make_batch, d.dpo_beta)
+            elif two:
+                values = two_step.sft_values(engine, rows, make_batch, d.sft_on_originals)
+            else:
+                batch = make_batch(rows, [target])
+                inputs = {k: batch[k] for k in MODEL_INPUTS}
+                if model.proj is not None:
+                    inputs.update({k: batch[k] for k in FEATURE_INPUTS})
+                if model.msa is not None:
+                    inputs["privileged"] = batch["privileged"]
+                values = compute_losses(engine(**inputs), batch, terms, d.weights, d.temperature)
             engine.backward(values["loss"])
             lr = engine.get_lr()[0]
             engine.step()
@@ -347,11 +399,16 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         if rank == 0:
             record = {"step": step, **sums, "lr": lr, "seconds": round(time.time() - t0, 4)}
             log_step(record, metrics, writer, bar)
-        if step % d.checkpoint_every == 0 or step == total_steps:
+        switch = two and step == d.sft_steps  # step one done: its model is step two's reference
+        if switch:
+            two_step.save_reference(engine, tokenizer, out, rank)
+        if step % d.checkpoint_every == 0 or step == total_steps or switch:
             run_state = {
                 "step": step,
                 "total_steps": total_steps,
                 "method": d.method,
+                # sft-dpo: the step the next optimizer step is in (dpo: needs sft_reference/)
+                "phase": two_step.phase(d.sft_steps, step) if two else "train",
                 "world_size": world,
                 "rows_trained": rows_trained,
                 "stream": stream.state_dict(),
@@ -367,6 +424,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "steps": f"{first_step} -> {step} (of {total_steps})",
         "resumed from": resume["tag"] if resume else "no (fresh start)",
         "new shards": ", ".join(s["file"] for s in new_shards) or "none",
+        **({"sft / dpo steps": f"{d.sft_steps} / {d.dpo_steps}"} if two else {}),
         "shards": len(manifest["shards"]),
         "rows trained": rows_trained,
         "ranks": world,

@@ -1,4 +1,4 @@
-"""Distillation losses for PRIDE: cross-entropy, top-k KL in both directions, and MMD.
+"""Distillation losses: CE, top-k KL in both directions, MMD (PRIDE), DPO (Xie et al.).
 
 The teacher cache keeps only the top-k log-probabilities of each reply token, so the KL terms
 compare (K+1)-bucket distributions: the K cached ids plus one "tail" bucket holding all the
@@ -189,13 +189,47 @@ def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> Tens
     return (k_xx.mean() + k_yy.mean() - 2.0 * k_xy.mean()).clamp_min(0.0)
 
 
+def sequence_logprobs(logits: Tensor, targets: Tensor, mask: Tensor, rows: Tensor, n_rows: int):
+    """Sum of log p(target) over each sequence's tokens where ``mask`` is nonzero: [n_rows].
+
+    Flattened layout (as stage2_distill/batch.py builds it): ``logits`` [N, V], ``targets``,
+    ``mask`` and ``rows`` [N], ``rows[i]`` being the sequence token i belongs to. A sequence with
+    no counted token gets 0.
+    """
+    logp = F.log_softmax(_upcast(logits), dim=-1)
+    keep = mask.bool()
+    safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
+    token = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    token = torch.where(keep, token, torch.zeros_like(token))
+    return token.new_zeros(n_rows).index_add(0, rows, token)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> Tensor:
+    """Sigmoid DPO (Rafailov et al.): mean of -log sigmoid(beta * ((pc - rc) - (pr - rr))).
+
+    Arguments are summed sequence log-probabilities [B] of the chosen and rejected replies under
+    the trained policy and the frozen reference. logsigmoid is used (not log of sigmoid), so a
+    large negative margin gives a large finite loss instead of -log(0).
+    """
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * margin).mean()
+
+
 __all__ = [
     "MEDIAN_SCALES",
     "MIN_LOGPROB",
     "TAIL_FLOOR",
     "cross_entropy",
+    "dpo_loss",
     "forward_kl_topk",
     "mmd",
     "reverse_kl_topk",
+    "sequence_logprobs",
     "topk_with_tail",
 ]

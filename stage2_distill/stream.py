@@ -41,6 +41,7 @@ COLUMNS = [
     "topk_token_ids",
     "topk_logprobs",
     "teacher_features",
+    "base_response",  # improve mode: the reply the teacher rewrote (rejected side of a pair)
 ]
 
 

@@ -74,3 +74,39 @@ def test_template_hash_is_stable_and_sensitive(monkeypatch):
     assert h == prompts.template_sha256()
     monkeypatch.setattr(prompts, "TEACHER_SYSTEM", prompts.TEACHER_SYSTEM + " ")
     assert prompts.template_sha256() != h
+
+
+def test_improve_prompts_for_every_strategy(tiny_tokenizer):
+    dialogue = [{"role": "speaker", "text": "My dog died."}]
+    for strategy in ("plain", "all", "weakest", "named"):
+        text = prompts.improve_prompt(tiny_tokenizer, dialogue, "Oh.", strategy, "affective", [])
+        assert "Speaker: My dog died." in text and "Reply to improve: Oh." in text
+        assert text.endswith("Weakest:" if strategy == "weakest" else "Improved reply:")
+    named = prompts.improve_prompt(tiny_tokenizer, dialogue, "Oh.", "named", "cognitive", [])
+    assert "cognitive empathy" in named
+    all_three = prompts.improve_prompt(tiny_tokenizer, dialogue, "Oh.", "all", "affective", [])
+    assert all(d in all_three for d in prompts.DIMENSIONS)
+
+
+def test_sequential_is_a_three_turn_exchange(tiny_tokenizer):
+    dialogue = [{"role": "speaker", "text": "My dog died."}]
+    assert prompts.improve_turns("sequential") == 3 and prompts.improve_turns("all") == 1
+    last = prompts.improve_prompt(tiny_tokenizer, dialogue, "Oh.", "sequential", "x", ["r1", "r2"])
+    assert last.index("cognitive empathy") < last.index("Improved reply: r1")
+    assert last.index("r1") < last.index("affective empathy") < last.index("r2")
+    assert last.index("r2") < last.index("compassionate empathy")
+    assert last.count("<|im_start|>assistant") == 3  # two earlier answers + the primed one
+
+
+def test_parse_improved_output():
+    plain = prompts.parse_improved_output(" That must hurt so much. ", "all")
+    assert plain.parse_ok and plain.reply == "That must hurt so much."
+    assert " That must hurt so much. "[plain.reply_start : plain.reply_end] == plain.reply
+    text = " affective\nImproved reply: I'm so sorry, you loved him."
+    weakest = prompts.parse_improved_output(text, "weakest")
+    assert weakest.parse_ok and weakest.reply == "I'm so sorry, you loved him."
+    assert weakest.reasoning == "Weakest: affective"
+    assert text[weakest.reply_start : weakest.reply_end] == weakest.reply
+    fallback = prompts.parse_improved_output(" cognitive\nSorry about that.", "weakest")
+    assert not fallback.parse_ok and fallback.reply == "Sorry about that."
+    assert not prompts.parse_improved_output("   ", "plain").parse_ok
