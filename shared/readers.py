@@ -481,6 +481,11 @@ def _jsonl_media(entry, base: Path, n: int) -> dict:
         if not ok or (value is not None and not math.isfinite(value)):
             raise _Bad(f"media {n}: {key} is not a number")
         times[key] = None if value is None else float(value)
+    start, end = times["start"], times["end"]
+    if entry["type"] == "image" and (start is not None or end is not None):
+        raise _Bad(f"media {n}: start/end apply to videos only")
+    if (start or 0.0) < 0 or (end is not None and end <= (start or 0.0)):
+        raise _Bad(f"media {n}: time span [{start}, {end}] is empty or negative")
     return {"type": entry["type"], "path": str(full), **times}
 
 

@@ -9,6 +9,13 @@ log-probabilities and the log-probability of the token itself: the reply was gen
 exactly the context we store, so no second scoring pass is needed. A second, pooling engine over the
 same weights gives the hidden states from which the reply's feature vector (for MMD) is pooled.
 
+A vision-language teacher (`teacher.model` holding a processor and a vision tower) also sees each
+example's images and video frames (`shared/media.py`) through vLLM's multimodal inputs; an example
+whose media cannot be loaded is rejected with the reason. For such rows
+`teacher_context_token_ids` are the prompt ids vLLM saw (image placeholders expanded), so
+re-scoring one needs its `media` too (the same frames: the manifest records the media settings);
+the pooling engine gets the same ids and frames, so `teacher_features` saw the images too.
+
 Work unit = one shard of `shard_size` examples. A rerun reads the inputs again, skips every
 example_id already in a finished shard, and starts no engine when nothing is left to do.
 """
@@ -26,7 +33,17 @@ from tqdm import tqdm
 from shared import prompts
 from shared.config import PipelineConfig, write_resolved
 from shared.errors import PipelineError
-from shared.models import ensure_model, load_tokenizer, model_sha256, tokenizer_fingerprint
+from shared.media import MediaError, load_media
+from shared.models import (
+    ensure_model,
+    is_multimodal,
+    load_processor,
+    load_tokenizer,
+    media_token_ids,
+    model_sha256,
+    text_tokenizer_fingerprint,
+    text_vocab,
+)
 from shared.readers import Example, Reject, read_examples
 from shared.schema import (
     REJECTS,
@@ -53,13 +70,21 @@ def read_inputs(cfg: PipelineConfig) -> tuple[list[Example], list[Reject]]:
     return examples, rejects
 
 
-def cache_settings(cfg: PipelineConfig, tokenizer, feature_dim: int | None) -> dict[str, Any]:
-    """What every shard of this cache shares; a rerun with other settings is refused."""
+def cache_settings(
+    cfg: PipelineConfig, tokenizer, feature_dim: int | None, processor=None
+) -> dict[str, Any]:
+    """What every shard of this cache shares; a rerun with other settings is refused.
+
+    The tokenizer fingerprint and vocab size are the teacher's language vocabulary: a VLM's media
+    placeholders appended after it are left out (`shared.models.text_vocab`), so they equal a
+    text student's with the same language tokenizer."""
+    media_ids = media_token_ids(processor) if processor is not None else set()
+    dropped = len(tokenizer.get_vocab()) - len(text_vocab(tokenizer, media_ids))
     return {
         "schema_version": SCHEMA_VERSION,
         "teacher_weights_sha256": model_sha256(cfg.teacher.model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
+        "tokenizer_fingerprint": text_tokenizer_fingerprint(tokenizer, media_ids),
+        "vocab_size": len(tokenizer) - dropped,
         "top_k": cfg.teacher_cache.top_k,
         "logprob_mode": "raw_logprobs",  # log-softmax of the unprocessed logits (temperature 1)
         "temperature": cfg.teacher.temperature,
@@ -67,6 +92,7 @@ def cache_settings(cfg: PipelineConfig, tokenizer, feature_dim: int | None) -> d
         "max_new_tokens": cfg.teacher.max_new_tokens,
         "prompt_template_sha256": prompts.template_sha256(),
         "feature_dim": feature_dim,
+        "media": cfg.teacher_cache.media.model_dump() if processor is not None else None,
     }
 
 
@@ -124,11 +150,14 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
     return ids
 
 
-def plan_work(cfg, tokenizer, examples, rejects, done) -> tuple[list, dict[str, int]]:
+def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[list, dict]:
     """The examples the teacher still has to answer, with their prompt token ids.
 
     Prompts are rendered here, up front: a dialogue that cannot fit the teacher's context becomes
-    a reject (appended to `rejects`) instead of an engine error halfway through a shard."""
+    a reject (appended to `rejects`) instead of an engine error halfway through a shard. With a
+    vision-language teacher (`processor`) each example's media are loaded here too, so a missing
+    or corrupt file is a reject before any engine starts (the frames are loaded again per shard,
+    rather than held in memory for the whole run)."""
     max_len = cfg.teacher.engine.get("max_model_len", 2048)
     budget = cfg.teacher.max_new_tokens
     pending: list[tuple[Example, list[int]]] = []
@@ -141,9 +170,21 @@ def plan_work(cfg, tokenizer, examples, rejects, done) -> tuple[list, dict[str, 
         seen.add(ex.example_id)
         text = prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) + budget > max_len:
+        n_ids = len(ids)
+        if processor is not None and ex.media:
+            try:
+                mc = cfg.teacher_cache.media
+                frames = load_media(ex.media, mc.frames, mc.image_size)
+            except MediaError as err:
+                rejects.append(Reject(ex.origin, str(err), json.dumps(ex.media)[:500]))
+                continue
+            text = prompts.teacher_prompt(processor, ex.dialogue, ex.privileged, len(frames))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            # the length vLLM will see, image placeholders expanded by the model's processor
+            n_ids = len(processor(text=[text], images=frames)["input_ids"][0])
+        if n_ids + budget > max_len:
             reason = (
-                f"dialogue too long: {len(ids)} prompt tokens + {budget} reply tokens "
+                f"dialogue too long: {n_ids} prompt tokens + {budget} reply tokens "
                 f"> max_model_len {max_len}"
             )
             rejects.append(Reject(ex.origin, reason, json.dumps(ex.dialogue)[:500]))
@@ -158,13 +199,19 @@ def plan_work(cfg, tokenizer, examples, rejects, done) -> tuple[list, dict[str, 
 # ----------------------------------------------------------------------------- teacher
 
 
-def start_engines(cfg: PipelineConfig):
-    """The generation engine, and (if features are on) a pooling engine over the same weights."""
+def start_engines(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0):
+    """The generation engine, and (if features are on) a pooling engine over the same weights.
+
+    `extra_logprobs`: top-k slots for a VLM's media tokens, dropped from the stored top-k;
+    `max_images`: the most images (frames) one prompt carries."""
     from vllm import LLM
     from vllm.config import PoolerConfig
 
     engine = dict(cfg.teacher.engine)
-    engine["max_logprobs"] = max(engine.get("max_logprobs", 20), cfg.teacher_cache.top_k)
+    need = cfg.teacher_cache.top_k + extra_logprobs
+    engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
+    if max_images:
+        engine.setdefault("limit_mm_per_prompt", {"image": max_images})
     gen = LLM(str(cfg.teacher.model), **engine)
     pool = None
     if cfg.teacher_cache.features:
@@ -200,29 +247,68 @@ def reply_token_span(tokenizer, gen_ids: list[int], start: int, end: int) -> tup
     return i0, max(i1, i0)
 
 
-def topk_entry(logprobs: dict, token_id: int, k: int) -> tuple[list[int], list[float], float]:
+def topk_entry(
+    logprobs: dict, token_id: int, k: int, exclude: frozenset[int] = frozenset()
+) -> tuple[list[int], list[float], float]:
     """vLLM's per-position dict {token_id: Logprob} holds the top k plus the sampled token (when it
-    is outside them); split it into the top-k lists and the sampled token's log-probability."""
-    ranked = sorted(logprobs.items(), key=lambda kv: kv[1].rank)[:k]
+    is outside them); split it into the top-k lists and the sampled token's log-probability.
+    `exclude`: ids left out (a VLM's media tokens beyond the text vocabulary, asked for as extra
+    top-k slots; their mass falls into the tail bucket, which the loss treats as the rest)."""
+    ranked = sorted(logprobs.items(), key=lambda kv: kv[1].rank)
+    ranked = [kv for kv in ranked if kv[0] not in exclude][:k]
     return [t for t, _ in ranked], [lp.logprob for _, lp in ranked], logprobs[token_id].logprob
 
 
-def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Example, list[int]]]):
-    """Run the teacher over one shard's examples; return the rows and the generated token count."""
+def media_extras(processor, vocab: int) -> list[int]:
+    """A VLM's media token ids beyond the text vocabulary (the tiny LLaVA's <image>)."""
+    return sorted(i for i in media_token_ids(processor) if i >= vocab) if processor else []
+
+
+def example_frames(cfg: PipelineConfig, ex: Example) -> list:
+    mc = cfg.teacher_cache.media
+    try:
+        return load_media(ex.media, mc.frames, mc.image_size)
+    except MediaError as err:  # loaded fine when the work was planned: changed since
+        raise PipelineError(f"{ex.origin}: {err} (changed during the run?); rerun") from None
+
+
+def teacher_rows(
+    cfg: PipelineConfig,
+    tokenizer,
+    gen,
+    pool,
+    batch: list[tuple[Example, list[int]]],
+    processor=None,
+    vocab: int | None = None,
+):
+    """Run the teacher over one shard's examples; return the rows and the generated token count.
+
+    With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
+    vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
+    never generated and left out of the stored top-k."""
     from vllm import SamplingParams
 
     k = cfg.teacher_cache.top_k
+    extras = media_extras(processor, vocab) if vocab is not None else []
     params = SamplingParams(
         temperature=cfg.teacher.temperature,
         top_p=cfg.teacher.top_p,
         max_tokens=cfg.teacher.max_new_tokens,
-        logprobs=k,
+        logprobs=k + len(extras),
         stop=prompts.STOP,
         seed=cfg.teacher.engine.get("seed"),
+        # the student's vocabulary has no media placeholder: the teacher may not generate one
+        allowed_token_ids=list(range(vocab)) if extras else None,
     )
-    outs = gen.generate([{"prompt_token_ids": ids} for _, ids in batch], params, use_tqdm=False)
+    requests = []
+    for ex, ids in batch:
+        request: dict[str, Any] = {"prompt_token_ids": ids}
+        if processor is not None and ex.media:
+            request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
+        requests.append(request)
+    outs = gen.generate(requests, params, use_tqdm=False)
     rows, generated, sequences = [], 0, []
-    for (ex, prompt_ids), out in zip(batch, outs, strict=True):
+    for (ex, prompt_ids), out, request in zip(batch, outs, requests, strict=True):
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
         generated += len(gen_ids)
@@ -232,9 +318,12 @@ def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Ex
         i0, i1 = reply_token_span(tokenizer, gen_ids, parsed.reply_start, parsed.reply_end)
         if i1 == len(gen_ids) - 1 and gen_ids[-1] == tokenizer.eos_token_id:
             i1 += 1  # the reply ran to the end of turn: keep it, so the student learns to stop
-        topk = [topk_entry(c.logprobs[j], gen_ids[j], k) for j in range(i0, i1)]
-        context = prompt_ids + gen_ids[:i0]
-        sequences.append((context, gen_ids[i0:i1]))
+        topk = [topk_entry(c.logprobs[j], gen_ids[j], k, frozenset(extras)) for j in range(i0, i1)]
+        # What the teacher saw: vLLM's prompt ids, with a VLM's image placeholders expanded.
+        context = list(out.prompt_token_ids or prompt_ids) + gen_ids[:i0]
+        mm = request.get("multi_modal_data")
+        # vLLM expands a VLM's placeholders itself: the pooling engine gets the unexpanded ids
+        sequences.append((context, gen_ids[i0:i1], mm, prompt_ids + gen_ids[:i0] if mm else None))
         rows.append(
             {
                 **{
@@ -263,17 +352,25 @@ def teacher_rows(cfg: PipelineConfig, tokenizer, gen, pool, batch: list[tuple[Ex
     return rows, generated
 
 
-def pooled_features(pool, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+def pooled_features(pool, sequences: list[tuple]) -> list[list[float]]:
     """Mean of the per-token (L2-normalised) last hidden states over the reply positions; the last
-    context position stands in for an empty reply."""
-    outs = pool.encode(
-        [{"prompt_token_ids": ctx + reply} for ctx, reply in sequences],
-        pooling_task="token_embed",
-        use_tqdm=False,
-    )
+    context position stands in for an empty reply. sequences: (context ids as vLLM saw them,
+    reply ids, the context's multimodal data or None, then the context ids with the image
+    placeholders not yet expanded, or None)."""
+    requests = []
+    for ctx, reply, mm, unexpanded in sequences:
+        request: dict[str, Any] = {"prompt_token_ids": (unexpanded or ctx) + reply}
+        if mm:
+            request["multi_modal_data"] = mm
+        requests.append(request)
+    outs = pool.encode(requests, pooling_task="token_embed", use_tqdm=False)
     feats = []
-    for (ctx, reply), out in zip(sequences, outs, strict=True):
+    for (ctx, reply, _, _), out in zip(sequences, outs, strict=True):
         states = out.outputs.data  # [tokens, hidden]
+        if len(states) != len(ctx) + len(reply):
+            raise PipelineError(
+                f"the pooling engine saw {len(states)} tokens, the teacher {len(ctx) + len(reply)}"
+            )
         span = states[len(ctx) : len(ctx) + len(reply)] if reply else states[len(ctx) - 1 :][:1]
         feats.append(span.float().mean(dim=0).tolist())
     return feats
@@ -293,12 +390,14 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     n_read = len(examples) + len(rejects)
     ensure_model(cfg.teacher.model)
     tokenizer = load_tokenizer(cfg.teacher.model)
+    processor = load_processor(cfg.teacher.model) if is_multimodal(cfg.teacher.model) else None
     feature_dim = None
     if tc.features:
         from transformers import AutoConfig
 
-        feature_dim = AutoConfig.from_pretrained(cfg.teacher.model).hidden_size
-    settings = cache_settings(cfg, tokenizer, feature_dim)
+        config = AutoConfig.from_pretrained(cfg.teacher.model)
+        feature_dim = config.get_text_config().hidden_size  # a VLM's language model
+    settings = cache_settings(cfg, tokenizer, feature_dim, processor)
 
     manifest = read_manifest(out)
     if manifest is not None:
@@ -313,18 +412,26 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     manifest.update(describe_run(cfg))
     done = finished_ids(out, manifest, settings)
 
-    pending, counts = plan_work(cfg, tokenizer, examples, rejects, done)
+    pending, counts = plan_work(cfg, tokenizer, examples, rejects, done, processor)
     generated, new_shards, t_teacher, t_startup = 0, [], 0.0, 0.0
     if pending:
         print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
         t_engines = time.time()
-        gen, pool = start_engines(cfg)
+        if processor is None:
+            gen, pool = start_engines(cfg)
+        else:
+            extras = media_extras(processor, settings["vocab_size"])
+            # a prompt's images: one per image file, `frames` per video (an upper bound)
+            per_entry = {"image": 1, "video": tc.media.frames}
+            most = max(sum(per_entry[m["type"]] for m in ex.media) for ex, _ in pending)
+            gen, pool = start_engines(cfg, len(extras), max(most, 1))
         t0 = time.time()  # tokens/s counts teacher work, not engine start-up
         next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
         bar = tqdm(total=len(pending), desc="teacher", unit="ex")
         for start in range(0, len(pending), tc.shard_size):
+            batch = pending[start : start + tc.shard_size]
             rows, n_gen = teacher_rows(
-                cfg, tokenizer, gen, pool, pending[start : start + tc.shard_size]
+                cfg, tokenizer, gen, pool, batch, processor, settings["vocab_size"]
             )
             generated += n_gen
             path = out / f"shard-{next_index:05d}.parquet"
