@@ -22,6 +22,7 @@ example_id already in a finished shard, and starts no engine when nothing is lef
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -90,7 +91,7 @@ def cache_settings(
         "temperature": cfg.teacher.temperature,
         "top_p": cfg.teacher.top_p,
         "max_new_tokens": cfg.teacher.max_new_tokens,
-        "prompt_template_sha256": prompts.template_sha256(),
+        "prompt_template_sha256": template_sha256(prompt_template(cfg)),
         "feature_dim": feature_dim,
         "media": cfg.teacher_cache.media.model_dump() if processor is not None else None,
     }
@@ -110,8 +111,24 @@ def describe_run(cfg: PipelineConfig) -> dict[str, Any]:
     return {
         "teacher_model": str(cfg.teacher.model),
         "engine": engine_version,
-        "prompt_template": prompts.template_text(),
+        "prompt_template": prompt_template(cfg),
     }
+
+
+def prompt_template(cfg: PipelineConfig) -> dict[str, Any]:
+    """Everything that shapes what the teacher sees in this mode (hashed into the settings)."""
+    if cfg.teacher_cache.mode == "answer":
+        return prompts.template_text()
+    imp = cfg.teacher_cache.improve
+    template = {**prompts.improve_template_text(), **imp.model_dump()}
+    if imp.base == "teacher":  # the base reply is the teacher's own answer to the usual prompt
+        template["answer_prompt"] = prompts.template_text()
+    return template
+
+
+def template_sha256(template: dict[str, Any]) -> str:
+    text = json.dumps(template, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> set[str]:
@@ -159,7 +176,12 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
     or corrupt file is a reject before any engine starts (the frames are loaded again per shard,
     rather than held in memory for the whole run)."""
     max_len = cfg.teacher.engine.get("max_model_len", 2048)
-    budget = cfg.teacher.max_new_tokens
+    improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
+    if improve and processor is not None:
+        raise PipelineError("teacher_cache.mode=improve works with text teachers only")
+    # Each later turn of the exchange (a first answer, earlier improvement turns) adds a reply.
+    turns = prompts.improve_turns(imp.strategy) + (imp.base == "teacher") if improve else 1
+    budget = cfg.teacher.max_new_tokens * turns
     pending: list[tuple[Example, list[int]]] = []
     seen, duplicates, already = set(done), 0, 0
     for ex in examples:
@@ -169,6 +191,14 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
             continue
         seen.add(ex.example_id)
         text = prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged)
+        if improve and imp.base == "reference":
+            if not ex.reference:
+                reason = "no reference reply to improve (teacher_cache.improve.base=reference)"
+                rejects.append(Reject(ex.origin, reason, json.dumps(ex.dialogue)[:500]))
+                continue
+            text = prompts.improve_prompt(
+                tokenizer, ex.dialogue, ex.reference, imp.strategy, imp.dimension, []
+            )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         n_ids = len(ids)
         if processor is not None and ex.media:
@@ -300,6 +330,10 @@ def teacher_rows(
         # the student's vocabulary has no media placeholder: the teacher may not generate one
         allowed_token_ids=list(range(vocab)) if extras else None,
     )
+    improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
+    bases = [None] * len(batch)
+    if improve:
+        batch, bases = improvement_prompts(cfg, tokenizer, gen, batch)
     requests = []
     for ex, ids in batch:
         request: dict[str, Any] = {"prompt_token_ids": ids}
@@ -308,13 +342,17 @@ def teacher_rows(
         requests.append(request)
     outs = gen.generate(requests, params, use_tqdm=False)
     rows, generated, sequences = [], 0, []
-    for (ex, prompt_ids), out, request in zip(batch, outs, requests, strict=True):
+    for (ex, prompt_ids), out, request, base in zip(batch, outs, requests, bases, strict=True):
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
         generated += len(gen_ids)
         # Parse the decoded ids (not c.text, which drops the stop string) so character offsets
         # line up with token boundaries.
-        parsed = prompts.parse_teacher_output(tokenizer.decode(gen_ids, skip_special_tokens=True))
+        text = tokenizer.decode(gen_ids, skip_special_tokens=True)
+        if improve:
+            parsed = prompts.parse_improved_output(text, imp.strategy)
+        else:
+            parsed = prompts.parse_teacher_output(text)
         i0, i1 = reply_token_span(tokenizer, gen_ids, parsed.reply_start, parsed.reply_end)
         if i1 == len(gen_ids) - 1 and gen_ids[-1] == tokenizer.eos_token_id:
             i1 += 1  # the reply ran to the end of turn: keep it, so the student learns to stop
@@ -344,12 +382,55 @@ def teacher_rows(
                 "topk_logprobs": [t[1] for t in topk],
                 "target_logprob": [t[2] for t in topk],
                 "teacher_features": [],
+                "improvement_strategy": imp.strategy if improve else None,
+                "base_response": base,
             }
         )
     if pool is not None:
         for row, feats in zip(rows, pooled_features(pool, sequences), strict=True):
             row["teacher_features"] = feats
     return rows, generated
+
+
+def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch):
+    """Improve mode: each example's final prompt, after the turns that come before it.
+
+    With `improve.base=teacher` the pending ids are the usual reasoning prompt: the teacher answers
+    it first and its reply becomes the base. With `strategy=sequential` the first two improvement
+    turns are generated here, so the last turn (whose top-k is kept) is conditioned on exactly the
+    exchange the teacher had. Returns the batch with final prompt ids, and the base replies."""
+    from vllm import SamplingParams
+
+    imp = cfg.teacher_cache.improve
+    plain = SamplingParams(
+        temperature=cfg.teacher.temperature,
+        top_p=cfg.teacher.top_p,
+        max_tokens=cfg.teacher.max_new_tokens,
+        stop=prompts.STOP,
+        seed=cfg.teacher.engine.get("seed"),
+    )
+
+    def generate(ids_list: list[list[int]]) -> list[str]:
+        outs = gen.generate([{"prompt_token_ids": ids} for ids in ids_list], plain, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    def encode(ex: Example, base: str, earlier: list[str]) -> list[int]:
+        text = prompts.improve_prompt(
+            tokenizer, ex.dialogue, base, imp.strategy, imp.dimension, earlier
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if imp.base == "teacher":
+        bases = [prompts.parse_teacher_output(t).reply for t in generate([i for _, i in batch])]
+    else:
+        bases = [ex.reference for ex, _ in batch]
+    earlier: list[list[str]] = [[] for _ in batch]
+    for _ in range(prompts.improve_turns(imp.strategy) - 1):
+        prompt_ids = [encode(ex, b, e) for (ex, _), b, e in zip(batch, bases, earlier, strict=True)]
+        for e, text in zip(earlier, generate(prompt_ids), strict=True):
+            e.append(prompts.parse_improved_output(text, imp.strategy).reply)
+    final = [(ex, encode(ex, b, e)) for (ex, _), b, e in zip(batch, bases, earlier, strict=True)]
+    return final, bases
 
 
 def pooled_features(pool, sequences: list[tuple]) -> list[list[float]]:
