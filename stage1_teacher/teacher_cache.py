@@ -242,17 +242,26 @@ def start_engines(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int 
     engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
     if max_images:
         engine.setdefault("limit_mm_per_prompt", {"image": max_images})
-    gen = LLM(str(cfg.teacher.model), **engine)
-    pool = None
-    if cfg.teacher_cache.features:
-        pool_engine = {**cfg.teacher.engine, **cfg.teacher_cache.feature_engine}
-        pool = LLM(
-            str(cfg.teacher.model),
-            runner="pooling",
-            convert="embed",
-            pooler_config=PoolerConfig(task="token_embed"),
-            **pool_engine,
-        )
+    gen = pool = None
+    try:
+        gen = LLM(str(cfg.teacher.model), **engine)
+        if cfg.teacher_cache.features:
+            pool_engine = {**cfg.teacher.engine, **cfg.teacher_cache.feature_engine}
+            pool = LLM(
+                str(cfg.teacher.model),
+                runner="pooling",
+                convert="embed",
+                pooler_config=PoolerConfig(task="token_embed"),
+                **pool_engine,
+            )
+    except (RuntimeError, ValueError) as e:
+        # An engine that did start would keep its worker processes (and the job) alive.
+        stop_engines(gen, pool)
+        raise PipelineError(
+            f"the vLLM engine did not start ({str(e).splitlines()[0]}; its log is above); on the "
+            "CPU the usual cause is memory: lower teacher.engine.gpu_memory_utilization (the "
+            "share of memory each engine reserves) or stop other jobs"
+        ) from None
     return gen, pool
 
 
