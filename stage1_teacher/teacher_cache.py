@@ -311,72 +311,47 @@ def example_frames(cfg: PipelineConfig, ex: Example) -> list:
         raise PipelineError(f"{ex.origin}: {err} (changed during the run?); rerun") from None
 
 
-def sampling_params(cfg: PipelineConfig, extras: list[int], vocab: int | None):
+def teacher_rows(
+    cfg: PipelineConfig,
+    tokenizer,
+    gen,
+    pool,
+    batch: list[tuple[Example, list[int]]],
+    processor=None,
+    vocab: int | None = None,
+):
+    """Run the teacher over one shard's examples; return the rows and the generated token count.
+
+    With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
+    vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
+    never generated and left out of the stored top-k."""
     from vllm import SamplingParams
 
-    return SamplingParams(
+    k = cfg.teacher_cache.top_k
+    extras = media_extras(processor, vocab) if vocab is not None else []
+    params = SamplingParams(
         temperature=cfg.teacher.temperature,
         top_p=cfg.teacher.top_p,
         max_tokens=cfg.teacher.max_new_tokens,
-        logprobs=cfg.teacher_cache.top_k + len(extras),
+        logprobs=k + len(extras),
         stop=prompts.STOP,
         seed=cfg.teacher.engine.get("seed"),
         # the student's vocabulary has no media placeholder: the teacher may not generate one
         allowed_token_ids=list(range(vocab)) if extras else None,
     )
-
-
-def teacher_shards(cfg: PipelineConfig, tokenizer, gen, pool, pending, processor=None, vocab=None):
-    """Run the teacher over the pending examples; yield (rows, generated tokens) per shard.
-
-    One engine, continuously batched: up to two shards of requests are in the engine at once and
-    a shard is written as soon as `shard_size` of them have finished, so no shard waits for its
-    slowest answer before the next one starts (one `generate` call per shard did, and took twice
-    the time of plain generation). Rows land in shards in the order they finish; a killed run
-    still loses at most the requests in flight. With a vision-language teacher (`processor`) each
-    example's frames go with its prompt ids as vLLM multimodal data (loaded when the request is
-    queued, so at most two shards' frames are in memory); `vocab` is the text vocabulary size,
-    and media tokens beyond it are never generated and left out of the stored top-k."""
-    tc = cfg.teacher_cache
-    bases: list[str | None] = [None] * len(pending)
-    if tc.mode == "improve":
-        pending, bases = improvement_prompts(cfg, tokenizer, gen, pending)
-    extras = media_extras(processor, vocab) if vocab is not None else []
-    params = sampling_params(cfg, extras, vocab)
-    todo = list(zip(pending, bases, strict=True))
-    queued, window, in_engine, finished = 0, 2 * tc.shard_size, {}, []
-    while queued < len(todo) or in_engine:
-        if queued < len(todo) and len(in_engine) < window:
-            chunk = todo[queued : queued + window - len(in_engine)]
-            requests = []
-            for (ex, ids), _ in chunk:
-                request: dict[str, Any] = {"prompt_token_ids": ids}
-                if processor is not None and ex.media:
-                    request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
-                requests.append(request)
-            request_ids = gen.enqueue(requests, params, use_tqdm=False)
-            for rid, item, request in zip(request_ids, chunk, requests, strict=True):
-                # enqueue returns vLLM's internal id, "<external id>-<random suffix>"; finished
-                # outputs carry the external one (LLM's own counter: digits, no dash).
-                in_engine[rid.rsplit("-", 1)[0]] = (item, request)
-            queued += len(chunk)
-        for out in gen.llm_engine.step():
-            if out.finished:
-                ((ex, ids), base), request = in_engine.pop(out.request_id)
-                finished.append((ex, ids, out, request, base))
-        while len(finished) >= tc.shard_size or (
-            finished and not in_engine and queued == len(todo)
-        ):
-            group, finished = finished[: tc.shard_size], finished[tc.shard_size :]
-            yield shard_rows(cfg, tokenizer, pool, group, extras)
-
-
-def shard_rows(cfg: PipelineConfig, tokenizer, pool, group, extras: list[int]):
-    """One shard's rows from finished requests: parse, reply span, top-k, pooled features."""
-    k = cfg.teacher_cache.top_k
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
+    bases = [None] * len(batch)
+    if improve:
+        batch, bases = improvement_prompts(cfg, tokenizer, gen, batch)
+    requests = []
+    for ex, ids in batch:
+        request: dict[str, Any] = {"prompt_token_ids": ids}
+        if processor is not None and ex.media:
+            request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
+        requests.append(request)
+    outs = gen.generate(requests, params, use_tqdm=False)
     rows, generated, sequences = [], 0, []
-    for ex, prompt_ids, out, request, base in group:
+    for (ex, prompt_ids), out, request, base in zip(batch, outs, requests, bases, strict=True):
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
         generated += len(gen_ids)
@@ -543,16 +518,20 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         t0 = time.time()  # tokens/s counts teacher work, not engine start-up
         next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
         bar = tqdm(total=len(pending), desc="teacher", unit="ex")
-        vocab = settings["vocab_size"]
-        for rows, n_gen in teacher_shards(cfg, tokenizer, gen, pool, pending, processor, vocab):
+        for start in range(0, len(pending), tc.shard_size):
+            batch = pending[start : start + tc.shard_size]
+            rows, n_gen = teacher_rows(
+                cfg, tokenizer, gen, pool, batch, processor, settings["vocab_size"]
+            )
             generated += n_gen
             path = out / f"shard-{next_index:05d}.parquet"
             entry = write_shard(
                 rows, path, tc.row_group_size, metadata={"pipeline_settings": json.dumps(settings)}
             )
             manifest["shards"].append(entry)
-            # after every shard: a kill loses at most the requests in flight
-            write_manifest(out, manifest)
+            write_manifest(
+                out, manifest
+            )  # after every shard: a kill loses at most the shard in flight
             new_shards.append(entry)
             next_index += 1
             bar.update(len(rows))
