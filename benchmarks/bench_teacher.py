@@ -22,19 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def plain_generation(cfg, prompt_ids: list[list[int]]) -> tuple[float, int]:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from shared import prompts
+    from stage1_teacher.teacher_cache import generation_params
 
     t0 = time.time()
     llm = LLM(str(cfg.teacher.model), **cfg.teacher.engine)
-    params = SamplingParams(
-        temperature=cfg.teacher.temperature,
-        top_p=cfg.teacher.top_p,
-        max_tokens=cfg.teacher.max_new_tokens,
-        stop=prompts.STOP,
-        seed=cfg.teacher.engine.get("seed"),
-    )
+    params = generation_params(cfg)  # the cache's settings, without logprobs
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
     seconds = time.time() - t0
     llm.llm_engine.engine_core.shutdown()

@@ -311,6 +311,21 @@ def example_frames(cfg: PipelineConfig, ex: Example) -> list:
         raise PipelineError(f"{ex.origin}: {err} (changed during the run?); rerun") from None
 
 
+def generation_params(cfg: PipelineConfig, **extra):
+    """The teacher's sampling settings, in one place for every generation call (the benchmark's
+    plain-vLLM baseline included, so both sides of its ratio do the same work)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        temperature=cfg.teacher.temperature,
+        top_p=cfg.teacher.top_p,
+        max_tokens=cfg.teacher.max_new_tokens,
+        stop=prompts.STOP,
+        seed=cfg.teacher.engine.get("seed"),
+        **extra,
+    )
+
+
 def teacher_rows(
     cfg: PipelineConfig,
     tokenizer,
@@ -325,17 +340,11 @@ def teacher_rows(
     With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
     vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
     never generated and left out of the stored top-k."""
-    from vllm import SamplingParams
-
     k = cfg.teacher_cache.top_k
     extras = media_extras(processor, vocab) if vocab is not None else []
-    params = SamplingParams(
-        temperature=cfg.teacher.temperature,
-        top_p=cfg.teacher.top_p,
-        max_tokens=cfg.teacher.max_new_tokens,
+    params = generation_params(
+        cfg,
         logprobs=k + len(extras),
-        stop=prompts.STOP,
-        seed=cfg.teacher.engine.get("seed"),
         # the student's vocabulary has no media placeholder: the teacher may not generate one
         allowed_token_ids=list(range(vocab)) if extras else None,
     )
@@ -408,16 +417,8 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch):
     it first and its reply becomes the base. With `strategy=sequential` the first two improvement
     turns are generated here, so the last turn (whose top-k is kept) is conditioned on exactly the
     exchange the teacher had. Returns the batch with final prompt ids, and the base replies."""
-    from vllm import SamplingParams
-
     imp = cfg.teacher_cache.improve
-    plain = SamplingParams(
-        temperature=cfg.teacher.temperature,
-        top_p=cfg.teacher.top_p,
-        max_tokens=cfg.teacher.max_new_tokens,
-        stop=prompts.STOP,
-        seed=cfg.teacher.engine.get("seed"),
-    )
+    plain = generation_params(cfg)
 
     def generate(ids_list: list[list[int]]) -> list[str]:
         outs = gen.generate([{"prompt_token_ids": ids} for ids in ids_list], plain, use_tqdm=False)
