@@ -90,7 +90,7 @@ def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) 
         "replies (engine start excluded). Peak RSS: the summed resident memory of the engine's "
         "processes (engine core and workers), sampled every 0.25 s from engine start to the end of "
         "generation; it includes the KV-cache pages the engine touched "
-        "(`gpu_memory_utilization`: the same budget for every model) and the runtime, not just "
+        "(`kv_cache_memory_bytes`: the same budget for every model) and the runtime, not just "
         "the weights; pages shared between the processes count once per process.",
         "## Charts",
         "\n".join(f"![{p.stem}]({p.name})" for p in charts),

@@ -25,14 +25,17 @@ class TeacherConfig(Strict):
     # A model folder. The embedded default's folders are built on first use (shared/models.py).
     model: Path = Path("models/smollm2-135m-instruct")
     # Passed as-is to vllm.LLM(...): engine settings are the engine's, not re-declared here.
-    # On the CPU backend gpu_memory_utilization is the share of *CPU* memory for the KV cache,
-    # claimed per engine at start (teacher-cache runs two): 0.1 of 24 GiB holds ~50k tokens of
-    # SmolLM2-135M's KV cache, plenty, and leaves memory to the jobs beside it. Raise it on GPUs.
+    # The KV cache is sized in bytes, not as `gpu_memory_utilization`: on the CPU backend that
+    # share is of one NUMA node's memory *minus what the worker already holds*, which came out
+    # negative on a 12 GiB node (the engine refused to start). 1 GiB holds ~23k tokens of
+    # SmolLM2-135M's float32 KV cache, per engine (teacher-cache runs two). An explicit size also
+    # skips vLLM's warm-up pass on the CPU. On GPUs set `kv_cache_memory_bytes: null` and a
+    # `gpu_memory_utilization` instead (see the ed-text pipeline).
     engine: dict[str, Any] = Field(
         default_factory=lambda: {
             "dtype": "float32",
             "enforce_eager": True,
-            "gpu_memory_utilization": 0.1,
+            "kv_cache_memory_bytes": 1 << 30,
             "max_model_len": 2048,
             "seed": 0,
         }

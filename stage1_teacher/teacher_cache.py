@@ -259,8 +259,8 @@ def start_engines(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int 
         stop_engines(gen, pool)
         raise PipelineError(
             f"the vLLM engine did not start ({str(e).splitlines()[0]}; its log is above); on the "
-            "CPU the usual cause is memory: lower teacher.engine.gpu_memory_utilization (the "
-            "share of memory each engine reserves) or stop other jobs"
+            "CPU the usual cause is memory: lower teacher.engine.kv_cache_memory_bytes (the KV "
+            "cache each engine reserves; gpu_memory_utilization on GPUs) or stop other jobs"
         ) from None
     return gen, pool
 
@@ -447,23 +447,44 @@ def pooled_features(pool, sequences: list[tuple]) -> list[list[float]]:
     """Mean of the per-token (L2-normalised) last hidden states over the reply positions; the last
     context position stands in for an empty reply. sequences: (context ids as vLLM saw them,
     reply ids, the context's multimodal data or None, then the context ids with the image
-    placeholders not yet expanded, or None)."""
+    placeholders not yet expanded, or None).
+
+    Prefix caching stays on: every teacher prompt opens with the same instructions and one-shot
+    example (205 of the demo prompts' 320 tokens on average), and recomputing them made this
+    pass as slow as the whole generation. vLLM then returns hidden states only for the positions
+    it computed, always the tail of the sequence, which is all we pool. A sequence whose tail
+    came from the cache (the same context and reply seen before) is redone without it."""
+    from vllm import PoolingParams
+
     requests = []
     for ctx, reply, mm, unexpanded in sequences:
         request: dict[str, Any] = {"prompt_token_ids": (unexpanded or ctx) + reply}
         if mm:
             request["multi_modal_data"] = mm
         requests.append(request)
-    outs = pool.encode(requests, pooling_task="token_embed", use_tqdm=False)
+
+    def encode(indices: list[int], use_cache: bool) -> dict[int, Any]:
+        params = PoolingParams(skip_reading_prefix_cache=not use_cache)
+        outs = pool.encode(
+            [requests[i] for i in indices], params, pooling_task="token_embed", use_tqdm=False
+        )
+        return dict(zip(indices, outs, strict=True))
+
+    outs = encode(list(range(len(sequences))), use_cache=True)
+    need = [max(len(reply), 1) for _, reply, _, _ in sequences]
+    redo = [i for i, out in outs.items() if len(out.outputs.data) < need[i]]
+    if redo:
+        outs.update(encode(redo, use_cache=False))
     feats = []
-    for (ctx, reply, _, _), out in zip(sequences, outs, strict=True):
-        states = out.outputs.data  # [tokens, hidden]
-        if len(states) != len(ctx) + len(reply):
+    for i, (ctx, reply, _, _) in enumerate(sequences):
+        out = outs[i]
+        states = out.outputs.data  # [computed (uncached) tokens, hidden]
+        seen = (out.num_cached_tokens or 0) + len(states)
+        if seen != len(ctx) + len(reply):
             raise PipelineError(
-                f"the pooling engine saw {len(states)} tokens, the teacher {len(ctx) + len(reply)}"
+                f"the pooling engine saw {seen} tokens, the teacher {len(ctx) + len(reply)}"
             )
-        span = states[len(ctx) : len(ctx) + len(reply)] if reply else states[len(ctx) - 1 :][:1]
-        feats.append(span.float().mean(dim=0).tolist())
+        feats.append(states[-need[i] :].float().mean(dim=0).tolist())
     return feats
 
 

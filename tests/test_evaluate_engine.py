@@ -16,7 +16,7 @@ pytestmark = pytest.mark.engine
 ENGINE = {
     "dtype": "float32",
     "enforce_eager": True,
-    "gpu_memory_utilization": 0.1,  # a small model: leave memory to the jobs beside us
+    "kv_cache_memory_bytes": 256 << 20,  # tiny models: leave memory to the jobs beside us
     "max_model_len": 1024,
     "seed": 0,
 }
