@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -334,8 +335,10 @@ def teacher_rows(
     batch: list[tuple[Example, list[int]]],
     processor=None,
     vocab: int | None = None,
+    seconds: Counter | None = None,
 ):
     """Run the teacher over one shard's examples; return the rows and the generated token count.
+    `seconds` adds up where the time went (generation, pooled features).
 
     With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
     vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
@@ -350,6 +353,8 @@ def teacher_rows(
     )
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
     bases = [None] * len(batch)
+    seconds = Counter() if seconds is None else seconds
+    t0 = time.time()
     if improve:
         batch, bases = improvement_prompts(cfg, tokenizer, gen, batch)
     requests = []
@@ -359,6 +364,7 @@ def teacher_rows(
             request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
         requests.append(request)
     outs = gen.generate(requests, params, use_tqdm=False)
+    seconds["generate"] += time.time() - t0
     rows, generated, sequences = [], 0, []
     for (ex, prompt_ids), out, request, base in zip(batch, outs, requests, bases, strict=True):
         c = out.outputs[0]
@@ -405,8 +411,10 @@ def teacher_rows(
             }
         )
     if pool is not None:
+        t0 = time.time()
         for row, feats in zip(rows, pooled_features(pool, sequences), strict=True):
             row["teacher_features"] = feats
+        seconds["features"] += time.time() - t0
     return rows, generated
 
 
@@ -525,7 +533,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     done = finished_ids(out, manifest, settings)
 
     pending, counts = plan_work(cfg, tokenizer, examples, rejects, done, processor)
-    generated, new_shards, t_teacher, t_startup = 0, [], 0.0, 0.0
+    generated, new_shards, t_teacher, t_startup, seconds = 0, [], 0.0, 0.0, Counter()
     if pending:
         print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
         t_engines = time.time()
@@ -543,7 +551,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         for start in range(0, len(pending), tc.shard_size):
             batch = pending[start : start + tc.shard_size]
             rows, n_gen = teacher_rows(
-                cfg, tokenizer, gen, pool, batch, processor, settings["vocab_size"]
+                cfg, tokenizer, gen, pool, batch, processor, settings["vocab_size"], seconds
             )
             generated += n_gen
             path = out / f"shard-{next_index:05d}.parquet"
@@ -582,6 +590,9 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "generated_tokens": generated,
         "engine_startup_seconds": round(t_startup, 1),
         "teacher_seconds": round(t_teacher, 1),
+        # of which: generating (with top-k log-probabilities), and the pooled-feature pass
+        "generate_seconds": round(seconds["generate"], 1),
+        "feature_seconds": round(seconds["features"], 1),
         "tokens_per_second": round(generated / t_teacher, 1) if t_teacher else None,
         "wall_seconds": round(time.time() - t_start, 1),
         "output": str(out),
