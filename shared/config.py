@@ -28,10 +28,10 @@ class TeacherConfig(Strict):
     # The KV cache is sized in bytes, not as `gpu_memory_utilization`: on the CPU backend that
     # share is of one NUMA node's memory *minus what the worker already holds*, which came out
     # negative on a 12 GiB node (the engine refused to start). 2 GiB hold ~46k tokens of
-    # SmolLM2-135M's float32 KV cache, per engine (teacher-cache runs two); with 1 GiB fewer
-    # sequences ran at once and plain generation of the demo set took 30% longer. An explicit size also
-    # skips vLLM's warm-up pass on the CPU. On GPUs set `kv_cache_memory_bytes: null` and a
-    # `gpu_memory_utilization` instead (see the ed-text pipeline).
+    # SmolLM2-135M's float32 KV cache, per engine (teacher-cache runs two): room for the whole
+    # demo batch at once (fewer running sequences make CPU decoding slower per token). An
+    # explicit size also skips vLLM's warm-up pass on the CPU. On GPUs set
+    # `kv_cache_memory_bytes: null` and a `gpu_memory_utilization` (see the ed-text pipeline).
     engine: dict[str, Any] = Field(
         default_factory=lambda: {
             "dtype": "float32",
