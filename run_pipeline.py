@@ -17,7 +17,8 @@ what is missing:
   always makes it rerun.
 
 The stages never import each other; this module is the only place that calls all three. A table
-of the stages (status and seconds) is printed and written to `<distill.output>/../run_summary.json`.
+of the stages (status and seconds) is printed and written to `<distill.output>/../run_summary.json`,
+with each stage's own summary (teacher-cache's generation and feature seconds, distill's losses...).
 Several distill ranks (torchrun) are not for this command: run the stages one by one then.
 Distill's one-process group stays joined when evaluate starts vLLM in the same process (DeepSpeed
 cannot join a second group after leaving one; the engine tests run after distill's in CI too).
@@ -88,6 +89,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     from stage2_distill import distill
 
     rows: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}  # each stage's own summary, as its command would print it
     trained, current, t0 = False, "", time.time()
     summary_path = cfg.distill.output.parent / "run_summary.json"
 
@@ -99,7 +101,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             current = stage
             if stage == "teacher-cache":
                 t0 = time.time()
-                made = teacher_cache.main(cfg)["new_shards"]
+                details[stage] = teacher_cache.main(cfg)
+                made = details[stage]["new_shards"]
                 record(stage, f"ran ({made} new shards)" if made else "skipped (all cached)", t0)
             elif stage == "distill":
                 for method, job in distill_jobs(cfg):
@@ -107,7 +110,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
                     if distill.is_done(job):
                         record(f"distill {method}", "skipped (done)", t0)
                         continue
-                    result = distill.main(job)
+                    result = details[f"distill {method}"] = distill.main(job)
                     trained = True
                     record(f"distill {method}", f"ran (steps {result['steps']})", t0)
             else:
@@ -116,7 +119,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
                 if not trained and evaluate_is_done(ev):
                     record(stage, "skipped (report up to date)", t0)
                 else:
-                    evaluate.main(ev)
+                    details[stage] = evaluate.main(ev)
                     record(stage, "ran", t0)
     except BaseException as e:
         failed = f"failed ({type(e).__name__})"
@@ -124,8 +127,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         raise
     finally:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"pipeline": cfg.name, "stages": rows}
-        atomic_write_text(summary_path, json.dumps(doc, indent=2) + "\n")
+        doc = {"pipeline": cfg.name, "stages": rows, "details": details}
+        atomic_write_text(summary_path, json.dumps(doc, indent=2, default=str) + "\n")
     return {"pipeline": cfg.name, "stages": rows, "summary": str(summary_path)}
 
 

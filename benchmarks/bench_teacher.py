@@ -75,6 +75,9 @@ def main() -> None:
         "teacher_cache_seconds": cache_s,
         "teacher_cache_generated_tokens": summary["generated_tokens"],
         "engine_startup_seconds": summary["engine_startup_seconds"],
+        # where the cache's time went: generation with top-k, then the pooled-feature pass
+        "generate_seconds": summary["generate_seconds"],
+        "feature_seconds": summary["feature_seconds"],
         "ratio": round(cache_s / base_s, 3),
         "bytes_per_reply_token": summary["bytes_per_reply_token"],
     }

@@ -87,7 +87,11 @@ def test_run_skips_complete_stages(tmp_path, tiny_student, pipeline):  # noqa: F
         "evaluate": "ran",
     }
     assert (out.parent / "run_summary.json").exists()
-    assert json.loads((out.parent / "run_summary.json").read_text())["stages"] == summary["stages"]
+    written = json.loads((out.parent / "run_summary.json").read_text())
+    assert written["stages"] == summary["stages"]
+    # each stage's own summary rides along (the real distill's steps among them)
+    assert written["details"]["teacher-cache"] == {"new_shards": 0}
+    assert written["details"]["distill pride"]["steps"] == 2
 
     calls.clear()  # everything complete: only the idempotent teacher-cache is called
     summary = run()
