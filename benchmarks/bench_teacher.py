@@ -7,7 +7,8 @@ here are noisy, so the figure is a ratio of two runs made side by side).
 Baseline: a fresh vllm.LLM over the same teacher, generating for the same prompts with the same
 token limits and stop strings, no log-probabilities, no features, nothing written; wall time from
 engine start to the last output. Measured: `teacher-cache` into a fresh folder (both engines,
-top-k log-probabilities, pooled features, Parquet shards, manifest), same wall-time definition.
+top-k log-probabilities, pooled features, Parquet shards, manifest), same wall-time definition;
+then `teacher-cache` with `features=false` (one engine, no pooling pass) into another folder.
 """
 
 from __future__ import annotations
@@ -49,10 +50,18 @@ def main() -> None:
     from stage1_teacher import teacher_cache
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [*args.overrides, f"teacher_cache.output={tmp}/cache"]
-        if args.limit:
-            overrides.append(f"teacher_cache.limit={args.limit}")
-        cfg = load_config(args.config, args.pipeline, overrides)
+        overrides = [*args.overrides] + (
+            [f"teacher_cache.limit={args.limit}"] if args.limit else []
+        )
+        cfg = load_config(
+            args.config, args.pipeline, [*overrides, f"teacher_cache.output={tmp}/cache"]
+        )
+        # The same without the pooled-feature pass: what top-k, shards and manifest cost alone.
+        no_features = load_config(
+            args.config,
+            args.pipeline,
+            [*overrides, f"teacher_cache.output={tmp}/cache-nf", "teacher_cache.features=false"],
+        )
         ensure_model(cfg.teacher.model)
         tok = load_tokenizer(cfg.teacher.model)
         examples, _ = teacher_cache.read_inputs(cfg)
@@ -65,6 +74,7 @@ def main() -> None:
         ]
         base_s, base_tokens = plain_generation(cfg, prompt_ids)
         summary = teacher_cache.main(cfg)
+        summary_nf = teacher_cache.main(no_features)
 
     cache_s = summary["wall_seconds"]
     result = {
@@ -79,6 +89,8 @@ def main() -> None:
         "generate_seconds": summary["generate_seconds"],
         "feature_seconds": summary["feature_seconds"],
         "ratio": round(cache_s / base_s, 3),
+        "teacher_cache_without_features_seconds": summary_nf["wall_seconds"],
+        "ratio_without_features": round(summary_nf["wall_seconds"] / base_s, 3),
         "bytes_per_reply_token": summary["bytes_per_reply_token"],
     }
     print("\n| figure | value |\n|---|---|")
