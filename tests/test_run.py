@@ -91,7 +91,7 @@ def test_run_skips_complete_stages(tmp_path, tiny_student, pipeline):  # noqa: F
     assert written["stages"] == summary["stages"]
     # each stage's own summary rides along (the real distill's steps among them)
     assert written["details"]["teacher-cache"] == {"new_shards": 0}
-    assert written["details"]["distill pride"]["steps"] == 2
+    assert written["details"]["distill pride"]["steps"] == "0 -> 2 (of 2)"
 
     calls.clear()  # everything complete: only the idempotent teacher-cache is called
     summary = run()
