@@ -161,25 +161,29 @@ def stop_engine(llm) -> None:
         core.shutdown()
 
 
-def generate(llm, tokenizer, texts: list[str], max_tokens: int, stop=None) -> tuple[list, int]:
+def generate(
+    llm, tokenizer, texts: list[str], max_tokens: int, label: str, stop=None
+) -> tuple[list, int]:
     """Greedy generation from prompt texts; returns (decoded texts, generated token count)."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop)
     ids = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    outs = llm.generate(ids, params, use_tqdm=False)
+    outs = llm.generate(ids, params, use_tqdm=judge.progress(label))
     return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def run_model(cfg, llm, tokenizer, examples: list[Example]) -> dict[str, Any]:
+def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[str, Any]:
     """Replies (student prompt) and named emotions (reasoning prompt, no privileged notes)."""
     ev = cfg.evaluate
     t0 = time.time()
     texts = [prompts.student_prompt(tokenizer, ex.dialogue) for ex in examples]
-    replies, n_tokens = generate(llm, tokenizer, texts, ev.max_new_tokens)
+    replies, n_tokens = generate(llm, tokenizer, texts, ev.max_new_tokens, f"{name} replies")
     seconds = time.time() - t0
     texts = [prompts.teacher_prompt(tokenizer, ex.dialogue, {}) for ex in examples]
-    named, _ = generate(llm, tokenizer, texts, ev.emotion_max_tokens, stop=["\n"])
+    named, _ = generate(
+        llm, tokenizer, texts, ev.emotion_max_tokens, f"{name} emotions", stop=["\n"]
+    )
     return {
         "replies": [r.strip() for r in replies],
         "emotions": [prompts.parse_teacher_output(n).emotion for n in named],
@@ -259,7 +263,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             t0 = time.time()
             llm = start_engine(cfg, folders[name])
             startup = time.time() - t0
-            runs[name] = run_model(cfg, llm, tokenizers[name], examples)
+            runs[name] = run_model(cfg, llm, tokenizers[name], examples, name)
         runs[name].update(
             parameters=count_parameters(folders[name]),
             weights_mib=round(
@@ -288,7 +292,9 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
                     examples, runs[name]["replies"], runs[baseline]["replies"], strict=True
                 )
             ]
-            verdicts[name] = judge.both_orders(llm, judge_tok, items, max_len)
+            verdicts[name] = judge.both_orders(
+                llm, judge_tok, items, max_len, f"judge {name} vs {baseline}"
+            )
     check = judge.judge_check(llm, judge_tok, check_pairs, max_len) if check_pairs else None
     if llm is not None:
         stop_engine(llm)

@@ -25,7 +25,16 @@ from shared.readers import read_examples
 Triple = tuple[list[dict], str, str]  # (dialogue, reply x, reply y)
 
 
-def ask(llm, tokenizer, items: list[Triple], max_len: int) -> list[tuple[str, float] | None]:
+def progress(label: str):
+    """vLLM's progress bar, named: pass as `use_tqdm` (vLLM sets its own `desc`, replaced here)."""
+    from tqdm import tqdm
+
+    return lambda **kw: tqdm(**{**kw, "desc": label})
+
+
+def ask(
+    llm, tokenizer, items: list[Triple], max_len: int, label: str = "judge"
+) -> list[tuple[str, float] | None]:
     """Per (dialogue, A, B): the verdict "A", "B" or "=" (equal log-probabilities) and the margin
     log p(" A") - log p(" B"); None when the prompt does not fit the judge's context."""
     from vllm import SamplingParams
@@ -40,7 +49,8 @@ def ask(llm, tokenizer, items: list[Triple], max_len: int) -> list[tuple[str, fl
         for d, a, b in items
     ]
     fits = [i for i, ids in enumerate(encoded) if len(ids) < max_len]
-    outs = llm.generate([{"prompt_token_ids": encoded[i]} for i in fits], params, use_tqdm=False)
+    requests = [{"prompt_token_ids": encoded[i]} for i in fits]
+    outs = llm.generate(requests, params, use_tqdm=progress(label))
     verdicts: list[tuple[str, float] | None] = [None] * len(items)
     for i, out in zip(fits, outs, strict=True):
         logprobs = out.outputs[0].logprobs[0]
@@ -49,7 +59,9 @@ def ask(llm, tokenizer, items: list[Triple], max_len: int) -> list[tuple[str, fl
     return verdicts
 
 
-def both_orders(llm, tokenizer, items: list[Triple], max_len: int) -> list[dict[str, Any]]:
+def both_orders(
+    llm, tokenizer, items: list[Triple], max_len: int, label: str = "judge"
+) -> list[dict[str, Any]]:
     """For each (dialogue, x, y): the verdict with x shown first and with y shown first, and the
     outcome for x: "win" (preferred in both orders), "loss", "tie", or "unjudged" (too long).
 
@@ -59,7 +71,7 @@ def both_orders(llm, tokenizer, items: list[Triple], max_len: int) -> list[dict[
     ask_idx = [i for i, (_, x, y) in enumerate(items) if x.strip() != y.strip()]
     asked = [items[i] for i in ask_idx]
     swapped = [(d, y, x) for d, x, y in asked]
-    verdicts = ask(llm, tokenizer, asked + swapped, max_len)
+    verdicts = ask(llm, tokenizer, asked + swapped, max_len, label)
     same = {"x_first": None, "y_first": None, "outcome": "tie", "margin": 0.0, "debiased": "tie"}
     results = [dict(same) for _ in items]
     for k, i in enumerate(ask_idx):
@@ -152,7 +164,7 @@ def judge_check(llm, tokenizer, pairs: list[dict], max_len: int) -> dict[str, An
     counted) and per pair (right in both orders); how often it picks the same reply in both
     orders, and how often it answers "A" (0.5 = no position bias)."""
     items = [(p["dialogue"], p["better"], p["worse"]) for p in pairs]
-    results = both_orders(llm, tokenizer, items, max_len)
+    results = both_orders(llm, tokenizer, items, max_len, "judge check")
     judged = [r for r in results if r["outcome"] != "unjudged"]
     n = len(judged)
     if n == 0:

@@ -66,7 +66,7 @@ def test_both_orders_with_a_position_biased_judge(monkeypatch):
     cancel the lean and find the better reply."""
     quality = {"good": 1.0, "bad": 0.0}
 
-    def fake_ask(llm, tokenizer, items, max_len):
+    def fake_ask(llm, tokenizer, items, max_len, label):
         assert max_len == 99
         out = []
         for _, a, b in items:
