@@ -26,10 +26,16 @@ Triple = tuple[list[dict], str, str]  # (dialogue, reply x, reply y)
 
 
 def progress(label: str):
-    """vLLM's progress bar, named: pass as `use_tqdm` (vLLM sets its own `desc`, replaced here)."""
+    """Pass as vLLM's `use_tqdm`: its request bar under our label. vLLM also wraps the prompt
+    list it renders in the same factory (an iterable, positionally); that instant bar is hidden."""
     from tqdm import tqdm
 
-    return lambda **kw: tqdm(**{**kw, "desc": label})
+    def bar(*iterable, **kw):
+        if iterable:
+            return tqdm(*iterable, **kw, disable=True)
+        return tqdm(**{**kw, "desc": label})
+
+    return bar
 
 
 def ask(
