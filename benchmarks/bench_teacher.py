@@ -6,9 +6,9 @@ here are noisy, so the figure is a ratio of two runs made side by side).
 
 Baseline: a fresh vllm.LLM over the same teacher, generating for the same prompts with the same
 token limits and stop strings, no log-probabilities, no features, nothing written; wall time from
-engine start to the last output. Measured: `teacher-cache` into a fresh folder (both engines,
-top-k log-probabilities, pooled features, Parquet shards, manifest), same wall-time definition;
-then `teacher-cache` with `features=false` (one engine, no pooling pass) into another folder.
+engine start to the last output. Measured: `teacher-cache` into a fresh folder (top-k
+log-probabilities, the hidden states kept and pooled into features, Parquet shards, manifest),
+same wall-time definition; then `teacher-cache` with `features=false` into another folder.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def main() -> None:
         "teacher_cache_seconds": cache_s,
         "teacher_cache_generated_tokens": summary["generated_tokens"],
         "engine_startup_seconds": summary["engine_startup_seconds"],
-        # where the cache's time went: generation with top-k, then the pooled-feature pass
+        # where the cache's time went: generation with top-k (and the kept hidden states), then
+        # pooling the kept states into features
         "generate_seconds": summary["generate_seconds"],
         "feature_seconds": summary["feature_seconds"],
         "ratio": round(cache_s / base_s, 3),

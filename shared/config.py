@@ -81,9 +81,7 @@ class TeacherCacheConfig(Strict):
     top_k: int = Field(20, ge=1, le=1000)
     shard_size: int = Field(64, ge=1)  # examples per shard: the unit of work and of resume
     row_group_size: int = Field(16, ge=1)  # rows per Parquet row group: the reader's read unit
-    features: bool = True  # pooled teacher features for MMD (starts a second, pooling engine)
-    # Extra vllm.LLM settings for the pooling engine, on top of teacher.engine.
-    feature_engine: dict[str, Any] = Field(default_factory=dict)
+    features: bool = True  # pooled teacher features for MMD (kept during the generation)
     # Images and video frames for a vision-language teacher (ignored by a text teacher).
     media: MediaConfig = Field(default_factory=MediaConfig)
     # answer: the empathy-reasoning prompt (PRIDE); improve: rewrite a base reply (Xie et al.)

@@ -11,8 +11,9 @@ the full vocabulary), conditioned on `teacher_context_token_ids + response_token
 In the improvement mode the columns are the same, the reply being the teacher's rewrite of
 `base_response`; the pair (chosen = `teacher_response`, rejected = `base_response`) is what
 preference training reads.
-`teacher_features` is the teacher's last hidden state (final norm applied) at each reply position,
-L2-normalised per token, then averaged over the reply.
+`teacher_features` is the teacher's last hidden state (final norm applied) at each position that
+predicts a reply token (the same positions as the top-k: the last context position, then the reply
+tokens but the last), L2-normalised per token, then averaged over the reply.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 
 from shared.errors import PipelineError
 
-SCHEMA_VERSION = 2  # 2: improvement_strategy + base_response (preference pairs)
+SCHEMA_VERSION = 3  # 2: improvement_strategy + base_response; 3: features at predicting positions
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SHARD_GLOB = "shard-*.parquet"

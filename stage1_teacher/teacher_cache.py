@@ -5,16 +5,16 @@
 
 The teacher (served by vLLM's offline engine) answers every example with PRIDE's empathy-reasoning
 prompt. From the same generation we keep, for each reply token, the teacher's raw top-k next-token
-log-probabilities and the log-probability of the token itself: the reply was generated right after
-exactly the context we store, so no second scoring pass is needed. A second, pooling engine over the
-same weights gives the hidden states from which the reply's feature vector (for MMD) is pooled.
+log-probabilities and the log-probability of the token itself, and the last hidden state from which
+it was predicted (pooled into the reply's feature vector for MMD): the reply was generated right
+after exactly the context we store, so no second pass over the sequences is needed.
 
 A vision-language teacher (`teacher.model` holding a processor and a vision tower) also sees each
 example's images and video frames (`shared/media.py`) through vLLM's multimodal inputs; an example
 whose media cannot be loaded is rejected with the reason. For such rows
 `teacher_context_token_ids` are the prompt ids vLLM saw (image placeholders expanded), so
 re-scoring one needs its `media` too (the same frames: the manifest records the media settings);
-the pooling engine gets the same ids and frames, so `teacher_features` saw the images too.
+`teacher_features` come from the same forward passes, so they saw the images too.
 
 Work unit = one shard of `shard_size` examples. A rerun reads the inputs again, skips every
 example_id already in a finished shard, and starts no engine when nothing is left to do.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -231,39 +232,38 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
 
 
 def start_engines(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0):
-    """The generation engine, and (if features are on) a pooling engine over the same weights.
+    """The teacher's generation engine; with features on, its workers also keep the hidden states
+    of the replies they generate (`ReplyFeatures`).
 
     `extra_logprobs`: top-k slots for a VLM's media tokens, dropped from the stored top-k;
     `max_images`: the most images (frames) one prompt carries."""
     from vllm import LLM
-    from vllm.config import PoolerConfig
 
     engine = dict(cfg.teacher.engine)
     need = cfg.teacher_cache.top_k + extra_logprobs
     engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
     if max_images:
         engine.setdefault("limit_mm_per_prompt", {"image": max_images})
-    gen = pool = None
+    if cfg.teacher_cache.features:
+        engine["worker_extension_cls"] = f"{__name__}.ReplyFeatures"
+        # The capture wraps the V1 model runner's forward (the CPU build's only runner; on GPUs
+        # vLLM may pick its V2 runner, which is laid out differently). Read by the engine's
+        # worker processes, which inherit this environment.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    gen = None
     try:
         gen = LLM(str(cfg.teacher.model), **engine)
         if cfg.teacher_cache.features:
-            pool_engine = {**cfg.teacher.engine, **cfg.teacher_cache.feature_engine}
-            pool = LLM(
-                str(cfg.teacher.model),
-                runner="pooling",
-                convert="embed",
-                pooler_config=PoolerConfig(task="token_embed"),
-                **pool_engine,
-            )
+            gen.collective_rpc("start_reply_capture")
     except (RuntimeError, ValueError) as e:
         # An engine that did start would keep its worker processes (and the job) alive.
-        stop_engines(gen, pool)
+        stop_engines(gen)
         raise PipelineError(
             f"the vLLM engine did not start ({str(e).splitlines()[0]}; its log is above); on the "
             "CPU the usual cause is memory: lower teacher.engine.kv_cache_memory_bytes (the KV "
-            "cache each engine reserves; gpu_memory_utilization on GPUs) or stop other jobs"
+            "cache the engine reserves; gpu_memory_utilization on GPUs) or stop other jobs"
         ) from None
-    return gen, pool
+    return gen
 
 
 def stop_engines(*engines) -> None:
@@ -272,6 +272,88 @@ def stop_engines(*engines) -> None:
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+
+
+FEATURE_KEY = "reply_feature_key"  # SamplingParams.extra_args entry: whose hidden states to keep
+
+
+class ReplyFeatures:
+    """Mixed into each vLLM worker (`worker_extension_cls`) and driven by `collective_rpc`.
+
+    Generating a reply already runs the teacher over every position that predicts a reply token:
+    the last context position in the prefill, then one decode step per token. Wrapping the model
+    runner's forward keeps, for each request tagged with `FEATURE_KEY`, the last hidden state
+    (final norm applied) at every position from the last prompt token on, by token index;
+    `pool_reply_features` averages a span of them (L2-normalised per token) once the reply's
+    tokens are known. That replaces a second, pooling engine that ran every sequence again: on the
+    demo it cost nearly as much as the generation. The wrapper reads the runner's own batch layout
+    (which rows belong to which request, how many tokens each had computed) after the forward
+    returns, so it sees the same outputs in eager mode and under CUDA graphs. Kept states go to
+    host memory in the model's dtype (a 7B teacher's shard of 512 replies would otherwise hold
+    ~1 GB of GPU memory); a recomputed (preempted) position overwrites its earlier copy."""
+
+    def start_reply_capture(self) -> None:
+        import torch
+
+        runner = self.model_runner
+        if getattr(runner, "reply_states", None) is not None:
+            return
+        if not (hasattr(runner, "_model_forward") and hasattr(runner, "input_batch")):
+            raise RuntimeError(
+                f"{type(runner).__name__} is not vLLM's V1 model runner, which the feature "
+                "capture needs: set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        states: dict[str, dict[int, Any]] = {}
+        forward = runner._model_forward
+
+        def capture(*args, **kwargs):
+            hidden = forward(*args, **kwargs)
+            batch = runner.input_batch
+            n = batch.num_reqs
+            if not n or not hasattr(hidden, "shape"):  # warm-up runs; pipeline-parallel stages
+                return hidden
+            starts = runner.query_start_loc.np[: n + 1].tolist()
+            computed = batch.num_computed_tokens_cpu[:n].tolist()
+            wanted: list[tuple[str, int]] = []  # (key, token index) of each row to keep
+            rows: list[int] = []
+            for i, req_id in enumerate(batch.req_ids[:n]):
+                request = runner.requests.get(req_id)
+                params = request.sampling_params if request is not None else None
+                key = (params.extra_args or {}).get(FEATURE_KEY) if params is not None else None
+                if key is None:
+                    continue
+                # Row starts[i] + j of this step is the request's token index computed[i] + j;
+                # a prefill chunk that ends before the last prompt token keeps nothing.
+                first = max(computed[i], request.num_prompt_tokens - 1)
+                for index in range(first, computed[i] + starts[i + 1] - starts[i]):
+                    wanted.append((key, index))
+                    rows.append(starts[i] + index - computed[i])
+            if rows:
+                picked = hidden[torch.tensor(rows, device=hidden.device)].to("cpu")
+                for (key, index), row in zip(wanted, picked, strict=True):
+                    states.setdefault(key, {})[index] = row
+            return hidden
+
+        runner._model_forward = capture
+        runner.reply_states = states
+
+    def pool_reply_features(self, spans: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """{key: mean of the L2-normalised kept states at token indices [lo, hi)}, None when one
+        is missing; then forget every kept state."""
+        import torch
+        import torch.nn.functional as F
+
+        states = self.model_runner.reply_states
+        pooled: dict[str, Any] = {}
+        for key, (lo, hi) in spans.items():
+            kept = states.get(key, {})
+            if hi > lo and all(i in kept for i in range(lo, hi)):
+                span = torch.stack([kept[i] for i in range(lo, hi)]).float()
+                pooled[key] = F.normalize(span, dim=-1).mean(0).tolist()
+            else:
+                pooled[key] = None
+        states.clear()
+        return pooled
 
 
 def reply_token_span(tokenizer, gen_ids: list[int], start: int, end: int) -> tuple[int, int]:
@@ -331,26 +413,30 @@ def teacher_rows(
     cfg: PipelineConfig,
     tokenizer,
     gen,
-    pool,
     batch: list[tuple[Example, list[int]]],
     processor=None,
     vocab: int | None = None,
     seconds: Counter | None = None,
 ):
     """Run the teacher over one shard's examples; return the rows and the generated token count.
-    `seconds` adds up where the time went (generation, pooled features).
+    `seconds` adds up where the time went (generation, pooling the kept hidden states).
 
     With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
     vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
     never generated and left out of the stored top-k."""
     k = cfg.teacher_cache.top_k
     extras = media_extras(processor, vocab) if vocab is not None else []
-    params = generation_params(
-        cfg,
-        logprobs=k + len(extras),
-        # the student's vocabulary has no media placeholder: the teacher may not generate one
-        allowed_token_ids=list(range(vocab)) if extras else None,
-    )
+    features = cfg.teacher_cache.features
+
+    def params_for(ex: Example):
+        return generation_params(
+            cfg,
+            logprobs=k + len(extras),
+            # the student's vocabulary has no media placeholder: the teacher may not generate one
+            allowed_token_ids=list(range(vocab)) if extras else None,
+            extra_args={FEATURE_KEY: ex.example_id} if features else None,
+        )
+
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
     bases = [None] * len(batch)
     seconds = Counter() if seconds is None else seconds
@@ -363,10 +449,10 @@ def teacher_rows(
         if processor is not None and ex.media:
             request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
         requests.append(request)
-    outs = gen.generate(requests, params, use_tqdm=False)
+    outs = gen.generate(requests, [params_for(ex) for ex, _ in batch], use_tqdm=False)
     seconds["generate"] += time.time() - t0
-    rows, generated, sequences = [], 0, []
-    for (ex, prompt_ids), out, request, base in zip(batch, outs, requests, bases, strict=True):
+    rows, generated, spans = [], 0, {}
+    for (ex, prompt_ids), out, base in zip(batch, outs, bases, strict=True):
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
         generated += len(gen_ids)
@@ -383,9 +469,10 @@ def teacher_rows(
         topk = [topk_entry(c.logprobs[j], gen_ids[j], k, frozenset(extras)) for j in range(i0, i1)]
         # What the teacher saw: vLLM's prompt ids, with a VLM's image placeholders expanded.
         context = list(out.prompt_token_ids or prompt_ids) + gen_ids[:i0]
-        mm = request.get("multi_modal_data")
-        # vLLM expands a VLM's placeholders itself: the pooling engine gets the unexpanded ids
-        sequences.append((context, gen_ids[i0:i1], mm, prompt_ids + gen_ids[:i0] if mm else None))
+        # The feature pools the states that predicted the reply tokens: token indices
+        # len(context) - 1 onwards, one per reply token (the last context position stands in
+        # for an empty reply). Every one of them was computed during the generation.
+        spans[ex.example_id] = (len(context) - 1, len(context) - 1 + max(i1 - i0, 1))
         rows.append(
             {
                 **{
@@ -410,10 +497,21 @@ def teacher_rows(
                 "base_response": base,
             }
         )
-    if pool is not None:
+    if features:
         t0 = time.time()
-        for row, feats in zip(rows, pooled_features(pool, sequences), strict=True):
-            row["teacher_features"] = feats
+        # One answer per worker: with tensor parallelism each holds the same (gathered) states,
+        # with pipeline parallelism only the last stage holds any.
+        answers = gen.collective_rpc("pool_reply_features", args=(spans,))
+        pooled = {key: next((a[key] for a in answers if a[key]), None) for key in spans}
+        missing = [key for key, feats in pooled.items() if feats is None]
+        if missing:
+            raise PipelineError(
+                f"the engine kept no hidden states for {len(missing)} replies (e.g. {missing[0]}): "
+                "the feature capture needs vLLM's V1 model runner; rerun with "
+                "VLLM_USE_V2_MODEL_RUNNER=0, or with --set teacher_cache.features=false"
+            )
+        for row in rows:
+            row["teacher_features"] = pooled[row["example_id"]]
         seconds["features"] += time.time() - t0
     return rows, generated
 
@@ -449,51 +547,6 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch):
             e.append(prompts.parse_improved_output(text, imp.strategy).reply)
     final = [(ex, encode(ex, b, e)) for (ex, _), b, e in zip(batch, bases, earlier, strict=True)]
     return final, bases
-
-
-def pooled_features(pool, sequences: list[tuple]) -> list[list[float]]:
-    """Mean of the per-token (L2-normalised) last hidden states over the reply positions; the last
-    context position stands in for an empty reply. sequences: (context ids as vLLM saw them,
-    reply ids, the context's multimodal data or None, then the context ids with the image
-    placeholders not yet expanded, or None).
-
-    Prefix caching stays on: every teacher prompt opens with the same instructions and one-shot
-    example (205 of the demo prompts' 320 tokens on average), and recomputing them made this
-    pass as slow as the whole generation. vLLM then returns hidden states only for the positions
-    it computed, always the tail of the sequence, which is all we pool. A sequence whose tail
-    came from the cache (the same context and reply seen before) is redone without it."""
-    from vllm import PoolingParams
-
-    requests = []
-    for ctx, reply, mm, unexpanded in sequences:
-        request: dict[str, Any] = {"prompt_token_ids": (unexpanded or ctx) + reply}
-        if mm:
-            request["multi_modal_data"] = mm
-        requests.append(request)
-
-    def encode(indices: list[int], use_cache: bool) -> dict[int, Any]:
-        params = PoolingParams(skip_reading_prefix_cache=not use_cache)
-        outs = pool.encode(
-            [requests[i] for i in indices], params, pooling_task="token_embed", use_tqdm=False
-        )
-        return dict(zip(indices, outs, strict=True))
-
-    outs = encode(list(range(len(sequences))), use_cache=True)
-    need = [max(len(reply), 1) for _, reply, _, _ in sequences]
-    redo = [i for i, out in outs.items() if len(out.outputs.data) < need[i]]
-    if redo:
-        outs.update(encode(redo, use_cache=False))
-    feats = []
-    for i, (ctx, reply, _, _) in enumerate(sequences):
-        out = outs[i]
-        states = out.outputs.data  # [computed (uncached) tokens, hidden]
-        seen = (out.num_cached_tokens or 0) + len(states)
-        if seen != len(ctx) + len(reply):
-            raise PipelineError(
-                f"the pooling engine saw {seen} tokens, the teacher {len(ctx) + len(reply)}"
-            )
-        feats.append(states[-need[i] :].float().mean(dim=0).tolist())
-    return feats
 
 
 # ----------------------------------------------------------------------------- main
@@ -538,20 +591,20 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
         t_engines = time.time()
         if processor is None:
-            gen, pool = start_engines(cfg)
+            gen = start_engines(cfg)
         else:
             extras = media_extras(processor, settings["vocab_size"])
             # a prompt's images: one per image file, `frames` per video (an upper bound)
             per_entry = {"image": 1, "video": tc.media.frames}
             most = max(sum(per_entry[m["type"]] for m in ex.media) for ex, _ in pending)
-            gen, pool = start_engines(cfg, len(extras), max(most, 1))
+            gen = start_engines(cfg, len(extras), max(most, 1))
         t0 = time.time()  # tokens/s counts teacher work, not engine start-up
         next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
         bar = tqdm(total=len(pending), desc="teacher", unit="ex")
         for start in range(0, len(pending), tc.shard_size):
             batch = pending[start : start + tc.shard_size]
             rows, n_gen = teacher_rows(
-                cfg, tokenizer, gen, pool, batch, processor, settings["vocab_size"], seconds
+                cfg, tokenizer, gen, batch, processor, settings["vocab_size"], seconds
             )
             generated += n_gen
             path = out / f"shard-{next_index:05d}.parquet"
@@ -568,7 +621,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             bar.set_postfix(shards=len(new_shards), tok_s=f"{generated / (time.time() - t0):.0f}")
         bar.close()
         t_teacher = time.time() - t0
-        stop_engines(gen, pool)
+        stop_engines(gen)
         t_startup = t0 - t_engines
 
     write_rejects(out, rejects)

@@ -105,7 +105,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int, top_k: int, sources: li
         if e["n_feat"] > 0:
             for t in range(e["n_feat"]):
                 feat_rows.append(b)
-                feat_cols.append(p + t)  # the reply token's own position, as the teacher pooled
+                feat_cols.append(p - 1 + t)  # the position predicting it, as the teacher pooled
                 feat_index.append(len(teacher_features))
             teacher_features.append(e["features"])
     privileged = {}

@@ -180,5 +180,5 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
             assert abs(logp[len(ctx) + t - 1, token].item() - r["target_logprob"][t]) < 1e-3
         assert (torch.log_softmax(blank[0], dim=-1) - logp).abs().max() > 1e-3  # images matter
         states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
-        span = states[len(ctx) : len(ctx) + len(reply)]
+        span = states[len(ctx) - 1 : len(ctx) - 1 + len(reply)]  # predicting the reply tokens
         assert torch.allclose(span.mean(0), torch.tensor(r["teacher_features"]), atol=1e-3)

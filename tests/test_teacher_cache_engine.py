@@ -1,7 +1,7 @@
 """Stage one against the real vLLM engine (marked `engine`: ~30 s per engine start).
 
 A 2-layer random model with the real SmolLM2 tokenizer keeps these quick; the behaviour under test
-(logprobs, pooling, batching, resume) is the engine's and ours, not the model's.
+(logprobs, kept hidden states, batching, resume) is the engine's and ours, not the model's.
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
             # the stored ids really are the k best, best first
             assert torch.equal(torch.sort(dist, descending=True).values[: len(top)], dist[top])
             checked += 1
+        # the states that predicted the reply tokens (the last context position for an empty one)
         states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
-        span = states[len(ctx) : len(ctx) + len(reply)] if reply else states[len(ctx) - 1 :][:1]
+        span = states[len(ctx) - 1 : len(ctx) - 1 + max(len(reply), 1)]
         if r["teacher_features"]:  # empty when the cache was built with features off
             assert torch.allclose(span.mean(0), torch.tensor(r["teacher_features"]), atol=1e-3)
     assert checked > 0
