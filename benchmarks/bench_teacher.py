@@ -56,7 +56,7 @@ def main() -> None:
         cfg = load_config(
             args.config, args.pipeline, [*overrides, f"teacher_cache.output={tmp}/cache"]
         )
-        # The same without the pooled-feature pass: what top-k, shards and manifest cost alone.
+        # The same without features: what top-k, shards and manifest cost alone.
         no_features = load_config(
             args.config,
             args.pipeline,

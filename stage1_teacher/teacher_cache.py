@@ -643,7 +643,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "generated_tokens": generated,
         "engine_startup_seconds": round(t_startup, 1),
         "teacher_seconds": round(t_teacher, 1),
-        # of which: generating (with top-k log-probabilities), and the pooled-feature pass
+        # of which: generating (top-k log-probabilities, hidden states kept), pooling the states
         "generate_seconds": round(seconds["generate"], 1),
         "feature_seconds": round(seconds["features"], 1),
         "tokens_per_second": round(generated / t_teacher, 1) if t_teacher else None,
