@@ -231,7 +231,7 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
 # ----------------------------------------------------------------------------- teacher
 
 
-def start_engines(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0):
+def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0):
     """The teacher's generation engine; with features on, its workers also keep the hidden states
     of the replies they generate (`ReplyFeatures`).
 
@@ -257,7 +257,7 @@ def start_engines(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int 
             gen.collective_rpc("start_reply_capture")
     except (RuntimeError, ValueError) as e:
         # An engine that did start would keep its worker processes (and the job) alive.
-        stop_engines(gen)
+        stop_engine(gen)
         raise PipelineError(
             f"the vLLM engine did not start ({str(e).splitlines()[0]}; its log is above); on the "
             "CPU the usual cause is memory: lower teacher.engine.kv_cache_memory_bytes (the KV "
@@ -266,12 +266,11 @@ def start_engines(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int 
     return gen
 
 
-def stop_engines(*engines) -> None:
-    """Shut the engines' worker processes down now (their memory is freed before we return)."""
-    for llm in engines:
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
+def stop_engine(llm) -> None:
+    """Shut the engine's worker processes down now (their memory is freed before we return)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 FEATURE_KEY = "reply_feature_key"  # SamplingParams.extra_args entry: whose hidden states to keep
@@ -589,15 +588,15 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     generated, new_shards, t_teacher, t_startup, seconds = 0, [], 0.0, 0.0, Counter()
     if pending:
         print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
-        t_engines = time.time()
+        t_engine = time.time()
         if processor is None:
-            gen = start_engines(cfg)
+            gen = start_engine(cfg)
         else:
             extras = media_extras(processor, settings["vocab_size"])
             # a prompt's images: one per image file, `frames` per video (an upper bound)
             per_entry = {"image": 1, "video": tc.media.frames}
             most = max(sum(per_entry[m["type"]] for m in ex.media) for ex, _ in pending)
-            gen = start_engines(cfg, len(extras), max(most, 1))
+            gen = start_engine(cfg, len(extras), max(most, 1))
         t0 = time.time()  # tokens/s counts teacher work, not engine start-up
         next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
         bar = tqdm(total=len(pending), desc="teacher", unit="ex")
@@ -621,8 +620,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             bar.set_postfix(shards=len(new_shards), tok_s=f"{generated / (time.time() - t0):.0f}")
         bar.close()
         t_teacher = time.time() - t0
-        stop_engines(gen)
-        t_startup = t0 - t_engines
+        stop_engine(gen)
+        t_startup = t0 - t_engine
 
     write_rejects(out, rejects)
     manifest["rows"] = sum(e["rows"] for e in manifest["shards"])

@@ -151,7 +151,7 @@ def test_images_and_video_frames_through_vllm(tiny_vlm, embedded_teacher, tmp_pa
     def no_engine(*args, **kwargs):
         raise AssertionError("a rerun with nothing new must not start the engine")
 
-    monkeypatch.setattr(teacher_cache, "start_engines", no_engine)
+    monkeypatch.setattr(teacher_cache, "start_engine", no_engine)
     again = teacher_cache.main(make_cfg(tiny_vlm, inputs, out))
     assert again["new_examples"] == 0 and again["already_cached"] == 3 and again["rejected"] == 2
     assert len((out / "rejects.jsonl").read_text().splitlines()) == 2

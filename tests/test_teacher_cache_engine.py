@@ -132,7 +132,7 @@ def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
     def no_engine(cfg):
         raise AssertionError("a rerun with nothing new must not start the engine")
 
-    monkeypatch.setattr(teacher_cache, "start_engines", no_engine)
+    monkeypatch.setattr(teacher_cache, "start_engine", no_engine)
     again = teacher_cache.main(make_cfg(tiny_teacher, [ed], out))
     assert again["new_examples"] == 0 and again["already_cached"] == n_ex
     assert again["rejected"] == n_rej
