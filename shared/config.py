@@ -28,7 +28,7 @@ class TeacherConfig(Strict):
     # The KV cache is sized in bytes, not as `gpu_memory_utilization`: on the CPU backend that
     # share is of one NUMA node's memory *minus what the worker already holds*, which came out
     # negative on a 12 GiB node (the engine refused to start). 2 GiB hold ~46k tokens of
-    # SmolLM2-135M's float32 KV cache, per engine (teacher-cache runs two): room for the whole
+    # SmolLM2-135M's float32 KV cache: room for the whole
     # demo batch at once (fewer running sequences make CPU decoding slower per token). An
     # explicit size also skips vLLM's warm-up pass on the CPU. On GPUs set
     # `kv_cache_memory_bytes: null` and a `gpu_memory_utilization` (see the ed-text pipeline).
@@ -46,6 +46,40 @@ class TeacherConfig(Strict):
     # the raw temperature-1 ones; distillation applies its own temperature in the loss.
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # More vllm.SamplingParams settings for every teacher generation (repetition_penalty,
+    # frequency_penalty, ...), passed as-is and recorded in the manifest. They shape which tokens
+    # are generated; the cached log-probabilities stay the raw ones, before any penalty.
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+
+Policy = Literal["retry", "reject", "flag", "off"]
+
+
+class QualityConfig(Strict):
+    """The gate every teacher reply passes before it is cached (stage1_teacher/quality.py defines
+    each check). Per check: `retry` (ask again, seeded sampling; reject after the last try),
+    `reject` (set aside at once), `flag` (keep, with the flag in the row), `off`."""
+
+    empty: Policy = "retry"  # fewer than min_words words
+    repetition: Policy = "retry"  # a sentence twice, or a word n-gram loop
+    truncated: Policy = "retry"  # stopped at max_new_tokens in mid-sentence
+    unparsed: Policy = "retry"  # the answer format was not followed
+    leak: Policy = "retry"  # quotes leak_ngram+ consecutive words of a privileged note
+    generic: Policy = "retry"  # the same reply already accepted generic_max times
+    unchanged: Policy = "retry"  # improve mode: the rewrite equals the reply it improves
+    min_words: int = Field(3, ge=1)
+    loop_ngram: int = Field(4, ge=2)
+    loop_count: int = Field(3, ge=2)
+    leak_ngram: int = Field(6, ge=3)
+    generic_max: int = Field(1, ge=1)
+    # Retries: only the failed examples, batched; attempt a of an example samples with a seed
+    # derived from (engine seed, example_id, a), so a rerun gives the same reply.
+    retries: int = Field(3, ge=0)
+    retry_temperature: float = Field(0.8, gt=0.0)
+    retry_top_p: float = Field(0.95, gt=0.0, le=1.0)
+
+    def policy(self, check: str) -> str:
+        return getattr(self, check)
 
 
 class StudentConfig(Strict):
@@ -87,6 +121,7 @@ class TeacherCacheConfig(Strict):
     # answer: the empathy-reasoning prompt (PRIDE); improve: rewrite a base reply (Xie et al.)
     mode: Literal["answer", "improve"] = "answer"
     improve: ImproveConfig = Field(default_factory=ImproveConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
 
 
 class LossWeights(Strict):

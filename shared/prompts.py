@@ -1,8 +1,13 @@
 """PRIDE's empathy-reasoning prompt (teacher) and the plain prompt (student): written once, hashed.
 
-The teacher sees the dialogue *and* the privileged notes and is asked to reason step by step
-(emotion, feelings, situation) before it replies. The answer is primed with "Emotion:" so even a
-small teacher keeps the structure; `parse_teacher_output` splits it and flags what it cannot parse.
+The teacher works in two turns. The analysis turn sees the dialogue *and* the privileged notes and
+reasons step by step (emotion, feelings, situation), primed with "Emotion:" so even a small
+teacher keeps the structure (`parse_analysis`). The reply turn is the model's natural chat turn:
+the dialogue as chat messages, the teacher's own analysis in the system message
+(`reply_prompt`); the cached reply, its top-k and features come from this turn, conditioned on
+the analysis. Measured on held-out Welivita & Pu contexts with the 135M teacher, asking for the
+reply inside the analysis format (one turn) gave 3 usable replies of 30 (looping "I'm so sorry",
+replies in the format's fields); the plain chat turn gave 25 of 30.
 The student sees the dialogue only: privileged text reaches it through multi-source attention.
 """
 
@@ -16,14 +21,13 @@ from typing import Any
 
 TEACHER_SYSTEM = (
     "You are a warm, attentive listener. Before you answer, think step by step: name the "
-    "speaker's main emotion, describe their feelings, analyse their situation, then write a "
-    "short, caring reply."
+    "speaker's main emotion, describe their feelings, then analyse their situation."
 )
 
 TEACHER_USER = """{notes}Conversation:
 {dialogue}
 
-Answer with Emotion, Feelings, Situation and Reply."""
+Answer with Emotion, Feelings and Situation."""
 
 NOTES_HEADER = "Private notes (for you only):\n"
 
@@ -34,15 +38,22 @@ EXAMPLE_PRIVILEGED = {"situation": "My best friend is moving to another country 
 EXAMPLE_ANSWER = (
     "Emotion: sad\n"
     "Feelings: They feel sad and a little abandoned, because someone close is leaving.\n"
-    "Situation: Their best friend is moving far away soon, so their daily support will change.\n"
-    "Reply: Oh, that's hard news. You two are so close, it makes sense that you feel sad. "
-    "Have you talked about how you'll stay in touch?"
+    "Situation: Their best friend is moving far away soon, so their daily support will change."
 )
 
 # The assistant turn starts with this text, so the teacher's first token is already in the format.
 ANSWER_PREFIX = "Emotion:"
 # Generation stops at a blank line or when the teacher starts the format over.
 STOP = ["\n\n", "\nEmotion:"]
+# The analysis turn also stops where a teacher starts replying in it: the reply is turn two's.
+ANALYSIS_STOP = [*STOP, "\nReply:"]
+ANALYSIS_MAX_TOKENS = 96  # an analysis that runs on is cut here (it only conditions the reply)
+
+REPLY_SYSTEM = (
+    "You are a warm, attentive listener. Your own notes on the speaker (do not quote them):\n"
+    "{analysis}\n\nReply to the speaker with empathy, in two or three short sentences."
+)
+REPLY_STOP = ["\n\n"]  # the reply is the first paragraph of the chat turn
 
 STUDENT_SYSTEM = "You are a warm, attentive listener. Reply to the speaker with empathy."
 
@@ -65,7 +76,10 @@ def template_text() -> dict[str, Any]:
         "example_privileged": render_notes(EXAMPLE_PRIVILEGED),
         "example_answer": EXAMPLE_ANSWER,
         "answer_prefix": ANSWER_PREFIX,
-        "stop": STOP,
+        "stop": ANALYSIS_STOP,
+        "analysis_max_tokens": ANALYSIS_MAX_TOKENS,
+        "reply_system": REPLY_SYSTEM,
+        "reply_stop": REPLY_STOP,
     }
 
 
@@ -116,13 +130,63 @@ def teacher_prompt(
     return text + ANSWER_PREFIX
 
 
-def student_prompt(tokenizer, dialogue: list[dict]) -> str:
-    """The student's input: the dialogue as chat turns (speaker = user, listener = assistant)."""
-    messages = [{"role": "system", "content": STUDENT_SYSTEM}]
+def chat_prompt(tokenizer, system: str, dialogue: list[dict], n_images: int = 0) -> str:
+    """The dialogue as chat turns (speaker = user, listener = assistant) after `system`; with
+    `n_images` the last speaker turn starts with that many image items (see teacher_prompt)."""
+    messages = [{"role": "system", "content": system}]
     for turn in dialogue:
         role = "user" if turn["role"] == "speaker" else "assistant"
         messages.append({"role": role, "content": turn["text"]})
+    if n_images:
+        text = [{"type": "text", "text": messages[-1]["content"]}]
+        messages[-1]["content"] = [{"type": "image"}] * n_images + text
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def student_prompt(tokenizer, dialogue: list[dict]) -> str:
+    """The student's input: the dialogue as chat turns, nothing else."""
+    return chat_prompt(tokenizer, STUDENT_SYSTEM, dialogue)
+
+
+def reply_prompt(tokenizer, dialogue: list[dict], analysis: str, n_images: int = 0) -> str:
+    """The teacher's reply turn: its own analysis (`TeacherAnalysis.reasoning`) in the system
+    message, then the dialogue as chat turns; the reply is the model's next chat turn. A
+    vision-language teacher (`tokenizer` its processor) sees the media again here."""
+    system = REPLY_SYSTEM.format(analysis=analysis)
+    return chat_prompt(tokenizer, system, dialogue, n_images)
+
+
+@dataclass
+class TeacherAnalysis:
+    emotion: str | None  # one lower-case word, or None
+    reasoning: str  # "Emotion: ...\nFeelings: ...\nSituation: ..." as the teacher wrote it
+    parse_ok: bool  # the emotion, feelings and situation steps are all there
+
+
+def parse_analysis(generated: str) -> TeacherAnalysis:
+    """The analysis turn's answer (the text generated after ANSWER_PREFIX): the emotion word and
+    the reasoning up to any reply the teacher started anyway. parse_ok needs every step."""
+    full = ANSWER_PREFIX + generated
+    marks = [(m.group(1).capitalize(), m.start(), m.end()) for m in _FIELD_RE.finditer(full)]
+    replies = [start for name, start, _ in marks if name == "Reply"]
+    reasoning = full[: replies[0]] if replies else full
+    steps = [name for name, start, _ in marks if not replies or start < replies[0]]
+    emotion = parse_teacher_output(generated).emotion
+    ok = emotion is not None and {"Feelings", "Situation"} <= set(steps)
+    return TeacherAnalysis(emotion, reasoning.strip(), ok)
+
+
+_ROLE_LEAD = re.compile(r"^[ \t]*\**[ \t]*(reply|listener|response)[ \t]*\**[ \t]*:[ \t]*\**", re.I)
+
+
+def parse_reply(generated: str) -> TeacherOutput:
+    """The reply turn's answer: all of it, less a leading "Reply:"/"Listener:" label."""
+    m = _ROLE_LEAD.match(generated)
+    start = m.end() if m else 0
+    body = generated[start:]
+    first = start + len(body) - len(body.lstrip())
+    reply = body.strip()
+    return TeacherOutput(None, "", reply, first, first + len(reply), True)
 
 
 @dataclass
@@ -139,9 +203,9 @@ def parse_teacher_output(generated: str) -> TeacherOutput:
     """Split the teacher's answer (the text generated after ANSWER_PREFIX) into its parts.
 
     Fallback when there is no usable "Reply:" field: everything after the first line is taken as
-    the reply (the first line is the primed emotion; a one-line answer is all reply), and
-    parse_ok is False so a consumer can drop
-    or down-weight the row. Nothing is silently discarded.
+    the reply (the first line is the primed emotion; a one-line answer, with any line ending
+    after it, is all reply; a lone emotion word is no reply), and parse_ok is False, which the
+    quality gate's `unparsed` check acts on. Nothing is silently discarded.
     """
     full = ANSWER_PREFIX + generated
     offset = len(ANSWER_PREFIX)  # positions in `full` minus this = positions in `generated`
@@ -166,9 +230,14 @@ def parse_teacher_output(generated: str) -> TeacherOutput:
             reasoning = full[:start].strip()
             return TeacherOutput(emotion, reasoning, reply, first, first + len(reply), True)
     # Fallback: the first line is the primed emotion and the rest the reply; a one-line answer
-    # that ignored the format is all reply.
+    # (whatever whitespace or line ending follows it) that ignored the format is all reply,
+    # unless that one line is just the emotion word ("Emotion: sad": no reply at all).
     newline = full.find("\n")
-    start = newline + 1 if newline >= 0 else offset
+    start = newline + 1 if newline >= 0 else len(full)
+    if not full[start:].strip():
+        line = full[offset:start]
+        if len(re.findall(r"[A-Za-z']+", line)) > 1:
+            start, emotion = offset, None
     body = full[start:]
     lead = len(body) - len(body.lstrip())
     first = max(start + lead - offset, 0)

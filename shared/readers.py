@@ -57,6 +57,7 @@ class Reject:
     origin: str
     reason: str
     record: str
+    example_id: str | None = None  # set when the record became an example (a gate reject)
 
 
 _Result = tuple[list[Example], list[Reject]]

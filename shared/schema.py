@@ -30,7 +30,9 @@ import pyarrow.parquet as pq
 
 from shared.errors import PipelineError
 
-SCHEMA_VERSION = 3  # 2: improvement_strategy + base_response; 3: features at predicting positions
+# 2: improvement_strategy + base_response; 3: features at predicting positions;
+# 4: the quality gate's teacher_attempt + quality_flags, and the `sampling` setting
+SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SHARD_GLOB = "shard-*.parquet"
@@ -68,6 +70,10 @@ SHARD_SCHEMA = pa.schema(
         # (chosen = teacher_response, rejected = base_response). Both null in the answer mode.
         ("improvement_strategy", pa.string()),
         ("base_response", pa.string()),
+        # The quality gate (stage1_teacher/quality.py): which attempt's reply this is (0 = the
+        # first; a retry is a seeded sample), and the checks it failed under a `flag` policy.
+        ("teacher_attempt", pa.int32()),
+        ("quality_flags", pa.list_(pa.string())),
     ]
 )
 
@@ -85,6 +91,7 @@ SETTING_KEYS = (
     "temperature",
     "top_p",
     "max_new_tokens",
+    "sampling",  # teacher.sampling: penalties etc. passed to vLLM (the logprobs stay raw)
     "prompt_template_sha256",
     "feature_dim",
     "media",  # frames / image size a vision-language teacher saw (None for a text teacher)

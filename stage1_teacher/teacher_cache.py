@@ -58,6 +58,7 @@ from shared.schema import (
     write_manifest,
     write_shard,
 )
+from stage1_teacher import quality
 
 # ----------------------------------------------------------------------------- setup
 
@@ -93,6 +94,7 @@ def cache_settings(
         "temperature": cfg.teacher.temperature,
         "top_p": cfg.teacher.top_p,
         "max_new_tokens": cfg.teacher.max_new_tokens,
+        "sampling": cfg.teacher.sampling,
         "prompt_template_sha256": template_sha256(prompt_template(cfg)),
         "feature_dim": feature_dim,
         "media": cfg.teacher_cache.media.model_dump() if processor is not None else None,
@@ -114,6 +116,8 @@ def describe_run(cfg: PipelineConfig) -> dict[str, Any]:
         "teacher_model": str(cfg.teacher.model),
         "engine": engine_version,
         "prompt_template": prompt_template(cfg),
+        # the gate that chose the cached replies (a rerun with another gate adds to the cache)
+        "quality": cfg.teacher_cache.quality.model_dump(),
     }
 
 
@@ -183,7 +187,9 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
         raise PipelineError("teacher_cache.mode=improve works with text teachers only")
     # Each later turn of the exchange (a first answer, earlier improvement turns) adds a reply.
     turns = prompts.improve_turns(imp.strategy) + (imp.base == "teacher") if improve else 1
-    budget = cfg.teacher.max_new_tokens * turns
+    # The answer mode's reply turn holds the analysis (at most ANALYSIS_MAX_TOKENS) in place of
+    # the analysis prompt's worked example: this bound covers both turns.
+    budget = cfg.teacher.max_new_tokens * turns + prompts.ANALYSIS_MAX_TOKENS
     pending: list[tuple[Example, list[int]]] = []
     seen, duplicates, already = set(done), 0, 0
     for ex in examples:
@@ -242,6 +248,13 @@ def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int =
     engine = dict(cfg.teacher.engine)
     need = cfg.teacher_cache.top_k + extra_logprobs
     engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
+    # The cache promises raw log-probabilities (log-softmax of the unprocessed logits, before
+    # temperature and penalties): say so to the engine rather than rely on its default.
+    if engine.setdefault("logprobs_mode", "raw_logprobs") != "raw_logprobs":
+        raise PipelineError(
+            f"teacher.engine.logprobs_mode={engine['logprobs_mode']!r}: the cache stores raw "
+            "log-probabilities; remove the setting"
+        )
     if max_images:
         engine.setdefault("limit_mm_per_prompt", {"image": max_images})
     if cfg.teacher_cache.features:
@@ -393,19 +406,67 @@ def example_frames(cfg: PipelineConfig, ex: Example) -> list:
         raise PipelineError(f"{ex.origin}: {err} (changed during the run?); rerun") from None
 
 
-def generation_params(cfg: PipelineConfig, **extra):
+def generation_params(cfg: PipelineConfig, attempt: int = 0, example_id: str = "", **extra):
     """The teacher's sampling settings, in one place for every generation call (the benchmark's
-    plain-vLLM baseline included, so both sides of its ratio do the same work)."""
+    plain-vLLM baseline included, so both sides of its ratio do the same work).
+
+    Attempt 0 uses `teacher.temperature`/`top_p`; a retry (attempt a > 0, only for a reply the
+    quality gate sent back) samples at `quality.retry_temperature`/`retry_top_p` with a seed
+    derived from the engine seed, the example id and a: the same example gets the same reply on a
+    rerun, and every retry a different one. `teacher.sampling` (penalties, ...) applies to all."""
     from vllm import SamplingParams
 
-    return SamplingParams(
-        temperature=cfg.teacher.temperature,
-        top_p=cfg.teacher.top_p,
-        max_tokens=cfg.teacher.max_new_tokens,
-        stop=prompts.STOP,
-        seed=cfg.teacher.engine.get("seed"),
-        **extra,
-    )
+    seed = cfg.teacher.engine.get("seed")
+    temperature, top_p = cfg.teacher.temperature, cfg.teacher.top_p
+    if attempt:
+        q = cfg.teacher_cache.quality
+        temperature, top_p = q.retry_temperature, q.retry_top_p
+        key = f"{seed}:{example_id}:{attempt}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+    settings = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": cfg.teacher.max_new_tokens,
+        "stop": prompts.STOP,
+        "seed": seed,
+        **cfg.teacher.sampling,
+    }
+    return SamplingParams(**{**settings, **extra})
+
+
+def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None, vocab=None):
+    """The analysis turn of the answer mode: the teacher's step-by-step analysis of each example
+    (its pending ids are the analysis prompt), then each example's reply-turn prompt ids, which
+    hold that analysis. Returns the reply batch and the parsed analyses."""
+    extras = media_extras(processor, vocab) if vocab is not None else []
+    requests, params = [], []
+    for ex, ids in batch:
+        request: dict[str, Any] = {"prompt_token_ids": ids}
+        if processor is not None and ex.media:
+            request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
+        requests.append(request)
+        params.append(
+            generation_params(
+                cfg,
+                attempt,
+                ex.example_id,
+                stop=prompts.ANALYSIS_STOP,
+                max_tokens=prompts.ANALYSIS_MAX_TOKENS,
+                allowed_token_ids=list(range(vocab)) if extras else None,
+            )
+        )
+    outs = gen.generate(requests, params, use_tqdm=False)
+    analyses, replies = [], []
+    for (ex, _), request, out in zip(batch, requests, outs, strict=True):
+        ids = out.outputs[0].token_ids
+        analysis = prompts.parse_analysis(tokenizer.decode(ids, skip_special_tokens=True))
+        n_images = len(request.get("multi_modal_data", {}).get("image", []))
+        text = prompts.reply_prompt(
+            processor or tokenizer, ex.dialogue, analysis.reasoning, n_images
+        )
+        analyses.append(analysis)
+        replies.append((ex, tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return replies, analyses
 
 
 def teacher_rows(
@@ -416,13 +477,90 @@ def teacher_rows(
     processor=None,
     vocab: int | None = None,
     seconds: Counter | None = None,
+    accepted: Counter | None = None,
 ):
-    """Run the teacher over one shard's examples; return the rows and the generated token count.
+    """Run the teacher over one shard's examples, through the quality gate.
+
+    Returns (rows, rejects, generated token count, outcomes). Every reply is checked
+    (`stage1_teacher/quality.py`); the examples the gate sends back are asked again together,
+    up to `quality.retries` times, and an example still failing after its last attempt becomes
+    a `Reject` naming each attempt's reasons. A row's top-k, target log-probabilities and
+    features are those of the attempt it keeps, conditioned on exactly that attempt's context.
+    `accepted` counts the normalised replies accepted so far in the cache (the `generic` check)
+    and is updated. `outcomes` counts first-try and retried acceptances and rejects per check.
     `seconds` adds up where the time went (generation, pooling the kept hidden states).
 
     With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
     vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
     never generated and left out of the stored top-k."""
+    q = cfg.teacher_cache.quality
+    accepted = Counter() if accepted is None else accepted
+    seconds = Counter() if seconds is None else seconds
+    rows: dict[int, dict] = {}
+    failures: dict[int, list[str]] = {i: [] for i in range(len(batch))}
+    outcomes: Counter = Counter()
+    generated, todo = 0, list(range(len(batch)))
+    for attempt in range(q.retries + 1):
+        if not todo:
+            break
+        tried, n_gen = attempt_rows(
+            cfg, tokenizer, gen, [batch[i] for i in todo], attempt, processor, vocab, seconds
+        )
+        generated += n_gen
+        retry, keep = [], []
+        for i, (row, base) in zip(todo, tried, strict=True):
+            ex = batch[i][0]
+            found = row.pop("turn_problems") + quality.check_reply(
+                row["teacher_response"],
+                q,
+                parse_ok=row["teacher_parse_ok"],
+                finish_reason=row["teacher_finish_reason"],
+                privileged=ex.privileged,
+                dialogue=prompts.render_dialogue(ex.dialogue),
+                accepted=accepted,
+                base=base,
+            )
+            failures[i].append(f"attempt {attempt}: " + "; ".join(r for _, r in found))
+            decision = quality.verdict(found, q)
+            if not row["response_token_ids"] and decision == "accept":
+                # whatever the policies say, a row without reply tokens is never written
+                found.append(("empty", "no reply tokens"))
+                failures[i][-1] += "no reply tokens"
+                decision = "retry"
+            if decision == "retry" and attempt < q.retries:
+                retry.append(i)
+                continue
+            if decision != "accept":
+                check = next(c for c, _ in found if q.policy(c) != "flag")
+                outcomes[f"rejected_{check}"] += 1
+                continue
+            failures.pop(i)
+            row["teacher_attempt"] = attempt
+            row["quality_flags"] = [check for check, _ in found]
+            rows[i] = row
+            keep.append(i)
+            accepted[quality.normalise(row["teacher_response"])] += 1
+            outcomes["accepted_first_try" if attempt == 0 else "accepted_after_retry"] += 1
+        pool_features(cfg, gen, [rows[i] for i in keep], seconds)
+        todo = retry
+    rejects = [
+        Reject(
+            batch[i][0].origin,
+            "teacher reply failed the quality gate: " + " | ".join(reasons),
+            json.dumps(batch[i][0].dialogue, ensure_ascii=False)[:500],
+            batch[i][0].example_id,
+        )
+        for i, reasons in failures.items()
+    ]
+    for row in rows.values():
+        row.pop("spans")
+    return [rows[i] for i in sorted(rows)], rejects, generated, outcomes
+
+
+def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None, seconds=None):
+    """One generation for each example of `batch` (attempt `attempt`): [(row, base reply)], the
+    generated token count. A row still lacks its features (`pool_features`) and carries
+    `turn_problems`: what the gate found in an improve-mode exchange's earlier turns."""
     k = cfg.teacher_cache.top_k
     extras = media_extras(processor, vocab) if vocab is not None else []
     features = cfg.teacher_cache.features
@@ -430,18 +568,23 @@ def teacher_rows(
     def params_for(ex: Example):
         return generation_params(
             cfg,
+            attempt,
+            ex.example_id,
             logprobs=k + len(extras),
             # the student's vocabulary has no media placeholder: the teacher may not generate one
             allowed_token_ids=list(range(vocab)) if extras else None,
             extra_args={FEATURE_KEY: ex.example_id} if features else None,
+            **({} if improve else {"stop": prompts.REPLY_STOP}),
         )
 
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
-    bases = [None] * len(batch)
-    seconds = Counter() if seconds is None else seconds
+    bases, turn_problems = [None] * len(batch), [[] for _ in batch]
+    analyses = [None] * len(batch)
     t0 = time.time()
     if improve:
-        batch, bases = improvement_prompts(cfg, tokenizer, gen, batch)
+        batch, bases, turn_problems = improvement_prompts(cfg, tokenizer, gen, batch, attempt)
+    else:
+        batch, analyses = answer_prompts(cfg, tokenizer, gen, batch, attempt, processor, vocab)
     requests = []
     for ex, ids in batch:
         request: dict[str, Any] = {"prompt_token_ids": ids}
@@ -450,8 +593,10 @@ def teacher_rows(
         requests.append(request)
     outs = gen.generate(requests, [params_for(ex) for ex, _ in batch], use_tqdm=False)
     seconds["generate"] += time.time() - t0
-    rows, generated, spans = [], 0, {}
-    for (ex, prompt_ids), out, base in zip(batch, outs, bases, strict=True):
+    tried, generated = [], 0
+    for (ex, prompt_ids), out, base, problems, analysis in zip(
+        batch, outs, bases, turn_problems, analyses, strict=True
+    ):
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
         generated += len(gen_ids)
@@ -461,73 +606,104 @@ def teacher_rows(
         if improve:
             parsed = prompts.parse_improved_output(text, imp.strategy)
         else:
-            parsed = prompts.parse_teacher_output(text)
+            parsed = prompts.parse_reply(text)
+            parsed.emotion, parsed.reasoning = analysis.emotion, analysis.reasoning
+            parsed.parse_ok = analysis.parse_ok
         i0, i1 = reply_token_span(tokenizer, gen_ids, parsed.reply_start, parsed.reply_end)
         if i1 == len(gen_ids) - 1 and gen_ids[-1] == tokenizer.eos_token_id:
             i1 += 1  # the reply ran to the end of turn: keep it, so the student learns to stop
         topk = [topk_entry(c.logprobs[j], gen_ids[j], k, frozenset(extras)) for j in range(i0, i1)]
         # What the teacher saw: vLLM's prompt ids, with a VLM's image placeholders expanded.
         context = list(out.prompt_token_ids or prompt_ids) + gen_ids[:i0]
-        # The feature pools the states that predicted the reply tokens: token indices
-        # len(context) - 1 onwards, one per reply token (the last context position stands in
-        # for an empty reply). Every one of them was computed during the generation.
-        spans[ex.example_id] = (len(context) - 1, len(context) - 1 + max(i1 - i0, 1))
-        rows.append(
-            {
-                **{
-                    f: getattr(ex, f)
-                    for f in ("example_id", "source", "split", "dialogue", "emotion", "reference")
-                },
-                "privileged": list(ex.privileged.items()),
-                "media": ex.media,
-                "candidates": ex.candidates,
-                "teacher_reasoning": parsed.reasoning,
-                "teacher_emotion": parsed.emotion,
-                "teacher_response": parsed.reply,
-                "teacher_parse_ok": parsed.parse_ok,
-                "teacher_finish_reason": c.finish_reason,
-                "teacher_context_token_ids": context,
-                "response_token_ids": gen_ids[i0:i1],
-                "topk_token_ids": [t[0] for t in topk],
-                "topk_logprobs": [t[1] for t in topk],
-                "target_logprob": [t[2] for t in topk],
-                "teacher_features": [],
-                "improvement_strategy": imp.strategy if improve else None,
-                "base_response": base,
-            }
+        # No tokens, no reply: whatever the text parse says (an empty span is never cached).
+        reply = parsed.reply if i1 > i0 else ""
+        row = {
+            **{
+                f: getattr(ex, f)
+                for f in ("example_id", "source", "split", "dialogue", "emotion", "reference")
+            },
+            "privileged": list(ex.privileged.items()),
+            "media": ex.media,
+            "candidates": ex.candidates,
+            "teacher_reasoning": parsed.reasoning,
+            "teacher_emotion": parsed.emotion,
+            "teacher_response": reply,
+            "teacher_parse_ok": parsed.parse_ok,
+            "teacher_finish_reason": c.finish_reason,
+            "teacher_context_token_ids": context,
+            "response_token_ids": gen_ids[i0:i1],
+            "topk_token_ids": [t[0] for t in topk],
+            "topk_logprobs": [t[1] for t in topk],
+            "target_logprob": [t[2] for t in topk],
+            "teacher_features": [],
+            "improvement_strategy": imp.strategy if improve else None,
+            "base_response": base,
+            # The feature pools the states that predicted the reply tokens: token indices
+            # len(context) - 1 onwards, one per reply token. Every one of them was computed
+            # during the generation.
+            "spans": (len(context) - 1, len(context) - 1 + max(i1 - i0, 1)),
+            "turn_problems": problems,
+        }
+        tried.append((row, base))
+    return tried, generated
+
+
+def pool_features(cfg: PipelineConfig, gen, rows: list[dict], seconds: Counter) -> None:
+    """Fill in the accepted rows' `teacher_features` from the hidden states the engine kept
+    during their attempt's generation; the states of every other reply are dropped."""
+    if not cfg.teacher_cache.features:
+        return
+    t0 = time.time()
+    spans = {row["example_id"]: row["spans"] for row in rows}
+    # One answer per worker: with tensor parallelism each holds the same (gathered) states,
+    # with pipeline parallelism only the last stage holds any.
+    answers = gen.collective_rpc("pool_reply_features", args=(spans,))
+    pooled = {key: next((a[key] for a in answers if a[key]), None) for key in spans}
+    missing = [key for key, feats in pooled.items() if feats is None]
+    if missing:
+        raise PipelineError(
+            f"the engine kept no hidden states for {len(missing)} replies (e.g. {missing[0]}): "
+            "the feature capture needs vLLM's V1 model runner; rerun with "
+            "VLLM_USE_V2_MODEL_RUNNER=0, or with --set teacher_cache.features=false"
         )
-    if features:
-        t0 = time.time()
-        # One answer per worker: with tensor parallelism each holds the same (gathered) states,
-        # with pipeline parallelism only the last stage holds any.
-        answers = gen.collective_rpc("pool_reply_features", args=(spans,))
-        pooled = {key: next((a[key] for a in answers if a[key]), None) for key in spans}
-        missing = [key for key, feats in pooled.items() if feats is None]
-        if missing:
-            raise PipelineError(
-                f"the engine kept no hidden states for {len(missing)} replies (e.g. {missing[0]}): "
-                "the feature capture needs vLLM's V1 model runner; rerun with "
-                "VLLM_USE_V2_MODEL_RUNNER=0, or with --set teacher_cache.features=false"
-            )
-        for row in rows:
-            row["teacher_features"] = pooled[row["example_id"]]
-        seconds["features"] += time.time() - t0
-    return rows, generated
+    for row in rows:
+        row["teacher_features"] = pooled[row["example_id"]]
+    seconds["features"] += time.time() - t0
 
 
-def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch):
+def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int = 0):
     """Improve mode: each example's final prompt, after the turns that come before it.
 
     With `improve.base=teacher` the pending ids are the usual reasoning prompt: the teacher answers
     it first and its reply becomes the base. With `strategy=sequential` the first two improvement
     turns are generated here, so the last turn (whose top-k is kept) is conditioned on exactly the
-    exchange the teacher had. Returns the batch with final prompt ids, and the base replies."""
-    imp = cfg.teacher_cache.improve
-    plain = generation_params(cfg)
+    exchange the teacher had. Every earlier turn goes through the gate's per-reply checks too: an
+    exchange built on an empty or looping turn is retried whole. Returns the batch with final
+    prompt ids, the base replies, and per example the problems of its earlier turns."""
+    imp, q = cfg.teacher_cache.improve, cfg.teacher_cache.quality
+    problems: list[list[tuple[str, str]]] = [[] for _ in batch]
 
-    def generate(ids_list: list[list[int]]) -> list[str]:
-        outs = gen.generate([{"prompt_token_ids": ids} for ids in ids_list], plain, use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
+    def generate(ids_list: list[list[int]], turn: str) -> list[str]:
+        params = [generation_params(cfg, attempt, ex.example_id) for ex, _ in batch]
+        outs = gen.generate([{"prompt_token_ids": ids} for ids in ids_list], params, use_tqdm=False)
+        texts = []
+        for (ex, _), out, found in zip(batch, outs, problems, strict=True):
+            o = out.outputs[0]
+            parse = prompts.parse_reply if turn == "base" else improved
+            reply = parse(tokenizer.decode(o.token_ids, skip_special_tokens=True)).reply
+            checks = quality.check_reply(
+                reply,
+                q,
+                finish_reason=o.finish_reason,
+                privileged=ex.privileged,
+                dialogue=prompts.render_dialogue(ex.dialogue),
+            )
+            found += [(c, f"{turn}: {r}") for c, r in checks]
+            texts.append(reply)
+        return texts
+
+    def improved(text: str):
+        return prompts.parse_improved_output(text, imp.strategy)
 
     def encode(ex: Example, base: str, earlier: list[str]) -> list[int]:
         text = prompts.improve_prompt(
@@ -535,17 +711,18 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch):
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    if imp.base == "teacher":
-        bases = [prompts.parse_teacher_output(t).reply for t in generate([i for _, i in batch])]
+    if imp.base == "teacher":  # the teacher's own answer (both turns) is the base
+        replies, _ = answer_prompts(cfg, tokenizer, gen, batch, attempt)
+        bases = generate([i for _, i in replies], "base")
     else:
         bases = [ex.reference for ex, _ in batch]
     earlier: list[list[str]] = [[] for _ in batch]
-    for _ in range(prompts.improve_turns(imp.strategy) - 1):
+    for turn in range(1, prompts.improve_turns(imp.strategy)):
         prompt_ids = [encode(ex, b, e) for (ex, _), b, e in zip(batch, bases, earlier, strict=True)]
-        for e, text in zip(earlier, generate(prompt_ids), strict=True):
-            e.append(prompts.parse_improved_output(text, imp.strategy).reply)
+        for e, reply in zip(earlier, generate(prompt_ids, f"turn {turn}"), strict=True):
+            e.append(reply)
     final = [(ex, encode(ex, b, e)) for (ex, _), b, e in zip(batch, bases, earlier, strict=True)]
-    return final, bases
+    return final, bases, problems
 
 
 # ----------------------------------------------------------------------------- main
@@ -583,9 +760,17 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         manifest = {"settings": settings, "shards": []}
     manifest.update(describe_run(cfg))
     done = finished_ids(out, manifest, settings)
+    # Examples the gate set aside in an earlier run stay set aside (their seeded attempts would
+    # fail the same way): counted as rejects again, not asked again. Delete their lines from
+    # rejects.jsonl to have them redone (e.g. after changing teacher_cache.quality).
+    gated = gate_rejects(out, {ex.example_id for ex in examples} - done)
+    rejects += gated
+    done |= {r.example_id for r in gated}
 
     pending, counts = plan_work(cfg, tokenizer, examples, rejects, done, processor)
+    counts["already_cached"] -= len(gated)  # each was counted once as done: it is a reject
     generated, new_shards, t_teacher, t_startup, seconds = 0, [], 0.0, 0.0, Counter()
+    outcomes: Counter = Counter()
     if pending:
         print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
         t_engine = time.time()
@@ -599,13 +784,22 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             gen = start_engine(cfg, len(extras), max(most, 1))
         t0 = time.time()  # tokens/s counts teacher work, not engine start-up
         next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
+        accepted = accepted_replies(out, manifest)
         bar = tqdm(total=len(pending), desc="teacher", unit="ex")
         for start in range(0, len(pending), tc.shard_size):
             batch = pending[start : start + tc.shard_size]
-            rows, n_gen = teacher_rows(
-                cfg, tokenizer, gen, batch, processor, settings["vocab_size"], seconds
+            rows, gated, n_gen, shard_outcomes = teacher_rows(
+                cfg, tokenizer, gen, batch, processor, settings["vocab_size"], seconds, accepted
             )
             generated += n_gen
+            outcomes += shard_outcomes
+            # A shard's rejects are on disk before the shard itself: a kill in between at worst
+            # redoes the shard's examples, and the rejects are kept once each.
+            rejects += gated
+            write_rejects(out, gated)
+            bar.update(len(batch))
+            if not rows:
+                continue
             path = out / f"shard-{next_index:05d}.parquet"
             entry = write_shard(
                 rows, path, tc.row_group_size, metadata={"pipeline_settings": json.dumps(settings)}
@@ -616,8 +810,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             )  # after every shard: a kill loses at most the shard in flight
             new_shards.append(entry)
             next_index += 1
-            bar.update(len(rows))
-            bar.set_postfix(shards=len(new_shards), tok_s=f"{generated / (time.time() - t0):.0f}")
+            bar.set_postfix(rejected=len(rejects), tok_s=f"{generated / (time.time() - t0):.0f}")
         bar.close()
         t_teacher = time.time() - t0
         stop_engine(gen)
@@ -633,6 +826,10 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "accepted": n_read - len(rejects),
         "rejected": len(rejects),
         **counts,
+        # the quality gate, over this run's teacher work
+        "accepted_first_try": outcomes["accepted_first_try"],
+        "accepted_after_retry": outcomes["accepted_after_retry"],
+        **{k: v for k, v in sorted(outcomes.items()) if k.startswith("rejected_")},
         "new_examples": sum(e["rows"] for e in new_shards),
         "new_shards": len(new_shards),
         "shards": len(manifest["shards"]),
@@ -650,6 +847,30 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "output": str(out),
     }
     return summary
+
+
+def accepted_replies(out: Path, manifest: dict[str, Any]) -> Counter:
+    """How often each normalised reply is already in the cache's shards (the `generic` check)."""
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    for entry in manifest["shards"]:
+        replies = pq.read_table(out / entry["file"], columns=["teacher_response"])[0]
+        counts.update(quality.normalise(r) for r in replies.to_pylist())
+    return counts
+
+
+def gate_rejects(out: Path, ids: set[str]) -> list[Reject]:
+    """The earlier runs' quality-gate rejects of these example ids."""
+    path = out / REJECTS
+    if not path.exists():
+        return []
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if r.get("example_id") in ids:
+            found[r["example_id"]] = Reject(**r)
+    return list(found.values())
 
 
 def write_rejects(out: Path, rejects: list[Reject]) -> None:

@@ -1,0 +1,140 @@
+"""The teacher-output quality gate: a reply is checked like any other input before it is cached.
+
+    problems = check_reply(reply, quality, parse_ok=..., finish_reason=..., privileged=...)
+
+Each check returns a short reason when the reply fails it; `teacher_cache` then retries the
+example (a fresh, seeded sample), rejects it, or keeps it with a flag, as the check's policy in
+`teacher_cache.quality` says. The checks, exactly:
+
+- `empty`: the reply has fewer than `min_words` words (a word: a run of letters, digits or
+  apostrophes). No reply at all is the extreme case.
+- `repetition`: the same sentence twice (sentences split after . ! ? or a line break, compared
+  lower-cased with punctuation dropped), or a word n-gram loop: some `loop_ngram` consecutive
+  words occur `loop_count` or more times.
+- `truncated`: generation stopped at `max_new_tokens` (finish reason "length") and the reply does
+  not end a sentence (its last character is not . ! ? or a closing quote/bracket after one).
+- `unparsed`: the teacher did not follow the answer format (no "Reply:" field; in the improve
+  mode's `weakest` strategy, no "Improved reply:").
+- `leak`: the reply quotes the privileged notes: `leak_ngram` consecutive words of one note
+  appear verbatim in the reply (compared as normalised words), and the dialogue does not say
+  them too. The student never sees the notes, so such a reply would teach it to invent them.
+- `generic`: the same normalised reply was already accepted `generic_max` times in this cache
+  (earlier shards included): one text serving many contexts teaches a student one answer.
+- `unchanged` (improve mode): the improved reply equals the reply it was asked to improve.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+from shared.config import QualityConfig
+
+_WORD = re.compile(r"[A-Za-z0-9']+")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]”’]*\s*$")
+
+CHECKS = ("empty", "repetition", "truncated", "unparsed", "leak", "generic", "unchanged")
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text or "")]
+
+
+def normalise(text: str) -> str:
+    """Lower-cased words joined by single spaces: what two replies are compared as."""
+    return " ".join(words(text))
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in (normalise(p) for p in _SENTENCE_SPLIT.split(text or "")) if s]
+
+
+def repeated_sentence(text: str) -> str | None:
+    """The first sentence that occurs twice in `text` (normalised), or None."""
+    seen: set[str] = set()
+    for s in sentences(text):
+        if s in seen:
+            return s
+        seen.add(s)
+    return None
+
+
+def ngram_loop(text: str, n: int, count: int) -> str | None:
+    """An n-word sequence that occurs at least `count` times in `text`, or None."""
+    w = words(text)
+    grams = Counter(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
+    if not grams:
+        return None
+    gram, times = grams.most_common(1)[0]
+    return " ".join(gram) if times >= count else None
+
+
+def _grams(text: str, n: int) -> set[tuple[str, ...]]:
+    w = words(text)
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def leaked_note(reply: str, privileged: dict[str, str], n: int, dialogue: str = "") -> str | None:
+    """The name of the first privileged note that shares n consecutive words with the reply,
+    words the dialogue does not also say (echoing the speaker is no leak)."""
+    reply_grams = _grams(reply, n) - _grams(dialogue, n)
+    for name, note in privileged.items():
+        if reply_grams & _grams(note, n):
+            return name
+    return None
+
+
+def check_reply(
+    reply: str,
+    q: QualityConfig,
+    *,
+    parse_ok: bool = True,
+    finish_reason: str | None = "stop",
+    privileged: dict[str, str] | None = None,
+    dialogue: str = "",
+    accepted: Counter | None = None,
+    base: str | None = None,
+) -> list[tuple[str, str]]:
+    """Every check `reply` fails, as (check, reason) pairs; checks whose policy is `off` are
+    skipped. `dialogue` is the text the student does see (words it says are no leak);
+    `accepted` counts the normalised replies already accepted (the `generic` check);
+    `base` is the reply an improve-mode answer rewrote (the `unchanged` check)."""
+    on = {c for c in CHECKS if q.policy(c) != "off"}
+    found: list[tuple[str, str]] = []
+    n_words = len(words(reply))
+    if "empty" in on and n_words < q.min_words:
+        found.append(("empty", f"empty or too short: {n_words} words (< {q.min_words})"))
+    if "repetition" in on and n_words:
+        again = repeated_sentence(reply)
+        loop = ngram_loop(reply, q.loop_ngram, q.loop_count)
+        if again is not None:
+            found.append(("repetition", f"repeats a sentence: {again[:60]!r}"))
+        elif loop is not None:
+            found.append(("repetition", f"loops {loop!r} {q.loop_count}+ times"))
+    if "truncated" in on and finish_reason == "length" and not _ENDS_SENTENCE.search(reply):
+        found.append(("truncated", "cut off at max_new_tokens in mid-sentence"))
+    if "unparsed" in on and not parse_ok:
+        found.append(("unparsed", "the answer did not follow the format"))
+    if "leak" in on and privileged:
+        name = leaked_note(reply, privileged, q.leak_ngram, dialogue)
+        if name is not None:
+            found.append(("leak", f"quotes the private note {name!r} ({q.leak_ngram}+ words)"))
+    if "generic" in on and accepted is not None and n_words:
+        times = accepted.get(normalise(reply), 0)
+        if times >= q.generic_max:
+            found.append(("generic", f"the same reply was already accepted {times} times"))
+    if "unchanged" in on and base is not None and normalise(reply) == normalise(base):
+        found.append(("unchanged", "the improved reply equals the reply it was to improve"))
+    return found
+
+
+def verdict(found: Iterable[tuple[str, str]], q: QualityConfig) -> str:
+    """`retry` (or `reject` on the last attempt), `reject` or `accept`; `flag` problems accept."""
+    policies = {q.policy(check) for check, _ in found}
+    if "retry" in policies:
+        return "retry"
+    if "reject" in policies:
+        return "reject"
+    return "accept"

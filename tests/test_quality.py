@@ -1,0 +1,124 @@
+"""The teacher-output quality gate: each check catches its crafted case, a clean reply passes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from shared import prompts
+from shared.config import QualityConfig
+from stage1_teacher import quality
+
+Q = QualityConfig()
+CLEAN = "Oh no, that sounds so stressful. Do you know when the vet can see her?"
+
+
+def checks(reply: str, q: QualityConfig = Q, **kw) -> list[str]:
+    return [c for c, _ in quality.check_reply(reply, q, **kw)]
+
+
+def test_a_clean_reply_passes_every_check():
+    found = quality.check_reply(
+        CLEAN,
+        Q,
+        parse_ok=True,
+        finish_reason="stop",
+        privileged={"situation": "My dog has lumps on her stomach and sees the vet tomorrow."},
+        accepted=Counter({"something else entirely": 5}),
+        base="That's bad.",
+    )
+    assert found == []
+    assert quality.verdict(found, Q) == "accept"
+
+
+@pytest.mark.parametrize("reply", ["", "   ", "\n", "Okay.", "**", "Oh no"])
+def test_empty_or_too_short(reply):
+    assert checks(reply) == ["empty"]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "I'm so sorry. I'm so sorry.",
+        "I'm so sorry, I'm so sorry.",  # one sentence, a loop inside: caught as an n-gram loop?
+        "That is hard.\nThat is hard!",
+        "I'm here to help you. You can do it. I'M HERE TO HELP YOU",
+        "they're happy, because they're happy, because they're happy, because they're happy",
+    ],
+)
+def test_repetition(reply):
+    if reply == "I'm so sorry, I'm so sorry.":
+        # 3 words twice inside one sentence: below the loop length, a choice of the defaults
+        tight = QualityConfig(loop_ngram=3, loop_count=2)
+        assert checks(reply, tight) == ["repetition"]
+        return
+    assert checks(reply) == ["repetition"]
+
+
+def test_a_repeated_word_is_not_a_repeated_sentence():
+    assert checks("Really, really proud of you. What a day for your family!") == []
+
+
+def test_truncated_only_in_mid_sentence_at_the_length_limit():
+    assert checks("That sounds like a lot, and I think", finish_reason="length") == ["truncated"]
+    assert checks("That sounds like a lot. I am glad you told me.", finish_reason="length") == []
+    assert checks('She said "well done."', finish_reason="length") == []
+    assert checks("That sounds like a lot, and I think", finish_reason="stop") == []
+
+
+def test_unparsed():
+    assert checks(CLEAN, parse_ok=False) == ["unparsed"]
+
+
+def test_leak_of_a_private_note_verbatim():
+    notes = {"expert_notes": "The client shows signs of avoidant attachment after her divorce."}
+    leaking = "I see. You show signs of avoidant attachment after her divorce, that is hard."
+    assert checks(leaking, privileged=notes) == ["leak"]
+    # a few shared words are no quote, and neither is echoing what the speaker said
+    assert checks("Your divorce must have been hard on you.", privileged=notes) == []
+    said = "I think I show signs of avoidant attachment after her divorce."
+    assert checks(leaking, privileged=notes, dialogue=said) == []
+
+
+def test_generic_counts_the_replies_already_accepted():
+    accepted = Counter({quality.normalise(CLEAN): 1})
+    assert checks(CLEAN.upper(), accepted=accepted) == ["generic"]
+    assert checks(CLEAN, QualityConfig(generic_max=2), accepted=accepted) == []
+
+
+def test_unchanged_improvement():
+    assert checks(CLEAN, base="  " + CLEAN.lower()) == ["unchanged"]
+
+
+def test_policies_decide_the_verdict():
+    found = [("repetition", "x"), ("unparsed", "y")]
+    assert quality.verdict(found, Q) == "retry"
+    q = QualityConfig(repetition="flag", unparsed="reject")
+    assert quality.verdict(found, q) == "reject"
+    assert quality.verdict(found, QualityConfig(repetition="flag", unparsed="flag")) == "accept"
+    assert checks("I'm so sorry. I'm so sorry.", QualityConfig(repetition="off")) == []
+
+
+# --- the parser's shapes (issue: a one-line answer is all reply) --------------------------------
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\n\n", "  \n", ""])
+def test_a_one_line_answer_is_all_reply_whatever_follows(ending):
+    text = " I'm not sure what to say." + ending
+    out = prompts.parse_teacher_output(text)
+    assert out.reply == "I'm not sure what to say."
+    assert not out.parse_ok and out.emotion is None
+    assert text[out.reply_start : out.reply_end] == out.reply
+
+
+@pytest.mark.parametrize("text", [" sad", " sad\n", " Sad\r\n", "", "\n"])
+def test_only_the_emotion_is_no_reply(text):
+    out = prompts.parse_teacher_output(text)
+    assert out.reply == "" and not out.parse_ok
+    assert checks(out.reply, parse_ok=out.parse_ok) == ["empty", "unparsed"]
+
+
+def test_markdown_reply_marker():
+    out = prompts.parse_teacher_output(" sad\n**Feelings:** low\n**Reply:** Oh no, that is hard.\n")
+    assert out.parse_ok and out.reply == "Oh no, that is hard." and out.emotion == "sad"
