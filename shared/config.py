@@ -63,7 +63,10 @@ class QualityConfig(Strict):
     empty: Policy = "retry"  # fewer than min_words words
     repetition: Policy = "retry"  # a sentence twice, or a word n-gram loop
     truncated: Policy = "retry"  # stopped at max_new_tokens in mid-sentence
-    unparsed: Policy = "retry"  # the answer format was not followed
+    # the analysis (or the weakest strategy's) format was not followed; the reply itself is the
+    # natural chat turn and is checked by the rest, so by default the row is kept with the flag
+    # (teacher_parse_ok false; distill.skip_unparsed drops such rows)
+    unparsed: Policy = "flag"
     leak: Policy = "retry"  # quotes leak_ngram+ consecutive words of a privileged note
     generic: Policy = "retry"  # the same reply already accepted generic_max times
     unchanged: Policy = "retry"  # improve mode: the rewrite equals the reply it improves
@@ -75,8 +78,8 @@ class QualityConfig(Strict):
     # Retries: only the failed examples, batched; attempt a of an example samples with a seed
     # derived from (engine seed, example_id, a), so a rerun gives the same reply.
     retries: int = Field(3, ge=0)
-    retry_temperature: float = Field(0.8, gt=0.0)
-    retry_top_p: float = Field(0.95, gt=0.0, le=1.0)
+    retry_temperature: float = Field(0.7, gt=0.0)
+    retry_top_p: float = Field(0.9, gt=0.0, le=1.0)
 
     def policy(self, check: str) -> str:
         return getattr(self, check)

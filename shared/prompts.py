@@ -160,19 +160,20 @@ def reply_prompt(tokenizer, dialogue: list[dict], analysis: str, n_images: int =
 class TeacherAnalysis:
     emotion: str | None  # one lower-case word, or None
     reasoning: str  # "Emotion: ...\nFeelings: ...\nSituation: ..." as the teacher wrote it
-    parse_ok: bool  # the emotion, feelings and situation steps are all there
+    parse_ok: bool  # the emotion and a feelings or situation step are there
 
 
 def parse_analysis(generated: str) -> TeacherAnalysis:
     """The analysis turn's answer (the text generated after ANSWER_PREFIX): the emotion word and
-    the reasoning up to any reply the teacher started anyway. parse_ok needs every step."""
+    the reasoning up to any reply the teacher started anyway. parse_ok needs the emotion and at
+    least one of the feelings and situation steps."""
     full = ANSWER_PREFIX + generated
     marks = [(m.group(1).capitalize(), m.start(), m.end()) for m in _FIELD_RE.finditer(full)]
     replies = [start for name, start, _ in marks if name == "Reply"]
     reasoning = full[: replies[0]] if replies else full
     steps = [name for name, start, _ in marks if not replies or start < replies[0]]
     emotion = parse_teacher_output(generated).emotion
-    ok = emotion is not None and {"Feelings", "Situation"} <= set(steps)
+    ok = emotion is not None and bool({"Feelings", "Situation"} & set(steps))
     return TeacherAnalysis(emotion, reasoning.strip(), ok)
 
 

@@ -257,6 +257,14 @@ def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int =
         )
     if max_images:
         engine.setdefault("limit_mm_per_prompt", {"image": max_images})
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and cfg.teacher_cache.quality.retries:
+        # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded
+        # request (a retry) has its prefill split over two steps. A token budget per step that
+        # holds a whole shard's prompts keeps every prefill in one piece.
+        max_len = engine.get("max_model_len", 2048)
+        engine.setdefault("max_num_batched_tokens", max_len * cfg.teacher_cache.shard_size)
     if cfg.teacher_cache.features:
         engine["worker_extension_cls"] = f"{__name__}.ReplyFeatures"
         # The capture wraps the V1 model runner's forward (the CPU build's only runner; on GPUs

@@ -108,12 +108,13 @@ def collate(examples: list[dict[str, Any]], pad_id: int, top_k: int, sources: li
                 feat_cols.append(p - 1 + t)  # the position predicting it, as the teacher pooled
                 feat_index.append(len(teacher_features))
             teacher_features.append(e["features"])
+    # Every configured source, present or not: a source no row has is one all-masked position,
+    # so every rank runs the same modules whatever its micro-batch holds (ranks that ran
+    # different modules would disagree in their collectives).
     privileged = {}
     for name in sources:
         seqs = [e["privileged"].get(name, []) for e in examples]
-        if not any(seqs):
-            continue  # no row has this source: the module skips it
-        n = max(len(s) for s in seqs)
+        n = max(1, *(len(s) for s in seqs))
         ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
         mask = torch.zeros((len(examples), n), dtype=torch.long)
         for b, s in enumerate(seqs):

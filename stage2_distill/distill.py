@@ -155,8 +155,13 @@ def compute_losses(
             args = (logits, batch["topk_ids"], batch["topk_lps"], batch["kl_mask"], temperature)
             values[name] = fn(*args) if batch["kl_mask"].any() else zero
     if "mmd" in terms:
-        have = out["features"] is not None and batch["teacher_features"] is not None
-        values["mmd"] = losses.mmd(out["features"], batch["teacher_features"]) if have else zero
+        feats, teacher = out["features"], batch["teacher_features"]
+        if feats is None:
+            values["mmd"] = zero
+        elif teacher is None:  # no row of this micro-batch has features: 0, but through the
+            values["mmd"] = feats.sum() * 0.0  # projection, so every rank reduces its gradients
+        else:
+            values["mmd"] = losses.mmd(feats, teacher)
     kl = values.get("rkl", values.get("fkl", zero))
     values["loss"] = w.ce * values.get("ce", zero) + w.kl * kl + w.mmd * values.get("mmd", zero)
     return values
@@ -391,8 +396,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
                 sums[key] = sums.get(key, 0.0) + value.item() / d.grad_accum
         step += 1
         rows_trained += per_step
-        if world > 1:  # log the mean over ranks
-            flat = torch.tensor(list(sums.values()), dtype=torch.float64)
+        if world > 1:  # log the mean over ranks (on the engine's device: NCCL has no CPU side)
+            flat = torch.tensor(list(sums.values()), dtype=torch.float64, device=engine.device)
             dist.all_reduce(flat)
             sums = dict(zip(sums, (flat / world).tolist(), strict=True))
         last = sums

@@ -37,10 +37,13 @@ class MultiSourceAttention(nn.Module):
         self.gates = nn.ParameterDict({s: nn.Parameter(torch.zeros(1)) for s in self.sources})
 
     def forward(self, hidden: Tensor, memory: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
-        """`memory`: source -> (encoded text [B, S, H], mask [B, S]); a row whose mask is all
-        zero (source absent or dropped) gets exactly nothing from that source."""
+        """`memory`: source -> (encoded text [B, S, H], mask [B, S]) for every source; a row
+        whose mask is all zero (source absent or dropped) gets exactly nothing from that source.
+        Every source's attention runs every step, whatever the batch holds: under ZeRO the ranks
+        must run the same modules."""
         out = hidden
-        for name, (keys, mask) in memory.items():
+        for name in self.sources:
+            keys, mask = memory[name]
             present = mask.bool().any(dim=1)  # [B]
             # A fully masked row would make softmax NaN; let it attend anywhere, then zero it.
             padding = ~(mask.bool() | ~present[:, None])
@@ -157,11 +160,12 @@ class PrideStudent(nn.Module):
             self._memory = None
         logits = self.base.lm_head(hidden[pred_rows, pred_cols])
         features = None
-        if self.proj is not None and feat_index is not None and feat_index.numel():
+        if self.proj is not None and feat_index is not None:
             # Per-token L2 normalisation, then the mean over each row's reply: the teacher's
-            # definition (shared/schema.py), then a learned map to the teacher's width.
+            # definition (shared/schema.py), then a learned map to the teacher's width. Run
+            # with no rows too (an empty result): every rank uses the projection every step.
             tokens = F.normalize(hidden[feat_rows, feat_cols].float(), dim=-1)
-            n_rows = int(feat_index.max()) + 1
+            n_rows = int(feat_index.max()) + 1 if feat_index.numel() else 0
             sums = torch.zeros(n_rows, tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
             sums = sums.index_add(0, feat_index, tokens)
             counts = torch.bincount(feat_index, minlength=n_rows).clamp_min(1)

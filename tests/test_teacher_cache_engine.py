@@ -24,6 +24,7 @@ from conftest import DATA, REPO
 from shared.config import PipelineConfig
 from shared.readers import read_examples
 from shared.schema import verify_cache
+from stage1_teacher import quality
 
 pytestmark = pytest.mark.engine
 
@@ -54,6 +55,12 @@ def long_jsonl(folder: Path) -> Path:
     return path
 
 
+# The random tiny teacher writes noise: tests of the machinery (top-k, features, resume) turn
+# the gate's checks off; the gate has its own test below. A row without reply tokens is still
+# never written.
+GATE_OFF = {c: "off" for c in quality.CHECKS}
+
+
 def make_cfg(model: Path, inputs: list[Path], out: Path, **cache) -> PipelineConfig:
     return PipelineConfig.model_validate(
         {
@@ -63,6 +70,7 @@ def make_cfg(model: Path, inputs: list[Path], out: Path, **cache) -> PipelineCon
                 "output": str(out),
                 "top_k": 5,
                 "shard_size": 3,
+                "quality": GATE_OFF,
                 **cache,
             },
         }
@@ -165,6 +173,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_teacher, tmp_path):
         "top_k": 5,
         "shard_size": 1,
         "features": False,
+        "quality": GATE_OFF,
     }
     teacher = {"model": str(tiny_teacher), "max_new_tokens": 12, "engine": ENGINE}
     config.write_text(
@@ -228,7 +237,11 @@ def test_embedded_teacher_through_the_cli(embedded_teacher, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "teacher-cache summary" in result.stdout and "bytes per reply token" in result.stdout
     rows = shard_rows(out)
-    assert len(rows) == 3 and all(r["teacher_reasoning"].startswith("Emotion:") for r in rows)
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    gated = [r for r in rejects if r.get("example_id")]
+    assert len(rows) + len(gated) == 3 and rows
+    assert all(r["teacher_reasoning"].startswith("Emotion:") for r in rows)
+    assert all(r["response_token_ids"] and r["teacher_response"].strip() for r in rows)
     check_against_transformers(embedded_teacher, rows)
     shutil.rmtree(out)
 
@@ -266,3 +279,51 @@ def test_improve_mode_writes_preference_pairs(tiny_teacher, tmp_path, strategy, 
     manifest = verify_cache(tmp_path / "cache", top_k=5)
     assert manifest["prompt_template"]["strategy"] == strategy
     check_against_transformers(tiny_teacher, [r for r in rows if r["response_token_ids"]][:3])
+
+
+def test_gate_rejects_bad_replies_and_retries_reproducibly(tiny_teacher, tmp_path, monkeypatch):
+    """A teacher forced to fail (4 new tokens: every reply is cut off in mid-sentence or too
+    short) gives rejects with each attempt's reasons, never an empty row; a retry is a seeded
+    sample, so a second run into another folder writes the same replies and the same rejects;
+    a rerun starts no engine and counts the same rejects."""
+    from stage1_teacher import teacher_cache
+
+    ed = DATA / "ed_sample.csv"
+    n_ex, n_rej = (len(x) for x in read_examples(ed))
+    runs = []
+    for name in ("a", "b"):
+        cfg = make_cfg(tiny_teacher, [ed], tmp_path / name, features=False, quality={"retries": 2})
+        cfg.teacher.max_new_tokens = 4
+        summary = teacher_cache.main(cfg)
+        rows = shard_rows(tmp_path / name) if (tmp_path / name / "manifest.json").exists() else []
+        rejects = [
+            json.loads(x) for x in (tmp_path / name / "rejects.jsonl").read_text().split("\n") if x
+        ]
+        runs.append((summary, rows, rejects))
+    (summary, rows, rejects), (_, rows_b, rejects_b) = runs
+    gated = [r for r in rejects if r["reason"].startswith("teacher reply failed the quality gate")]
+    assert len(gated) >= n_ex - 2 and len(rows) + len(gated) == n_ex
+    assert summary["rejected"] == n_rej + len(gated)
+    assert summary["accepted"] + summary["rejected"] == summary["examples_read"]
+    assert sum(v for k, v in summary.items() if k.startswith("rejected_")) == len(gated)
+    for r in gated:  # each attempt's reasons, the last attempt included
+        assert "attempt 0:" in r["reason"] and "attempt 2:" in r["reason"] and r["example_id"]
+        assert "mid-sentence" in r["reason"] or "too short" in r["reason"]
+    for row in rows:
+        assert row["response_token_ids"] and row["teacher_response"].strip()
+
+    def key(rs: list[dict]) -> list[tuple]:
+        return sorted((r["example_id"], r["teacher_response"], r["teacher_attempt"]) for r in rs)
+
+    assert key(rows) == key(rows_b)
+    assert sorted(r["reason"] for r in rejects) == sorted(r["reason"] for r in rejects_b)
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("gate rejects of an earlier run are not asked again")
+
+    monkeypatch.setattr(teacher_cache, "start_engine", no_engine)
+    cfg = make_cfg(tiny_teacher, [ed], tmp_path / "a", features=False, quality={"retries": 2})
+    cfg.teacher.max_new_tokens = 4
+    again = teacher_cache.main(cfg)
+    assert again["rejected"] == summary["rejected"] and again["new_examples"] == 0
+    assert again["already_cached"] == len(rows)
