@@ -4,11 +4,12 @@ here are noisy, so the figure is a ratio of two runs made side by side).
     .venv/bin/python benchmarks/bench_teacher.py                 # the embedded default, demo data
     .venv/bin/python benchmarks/bench_teacher.py --limit 64 --set teacher_cache.top_k=20
 
-Baseline: a fresh vllm.LLM over the same teacher, generating for the same prompts with the same
-token limits and stop strings, no log-probabilities, no features, nothing written; wall time from
-engine start to the last output. Measured: `teacher-cache` into a fresh folder (top-k
-log-probabilities, the hidden states kept and pooled into features, Parquet shards, manifest),
-same wall-time definition; then `teacher-cache` with `features=false` into another folder.
+Baseline: a fresh vllm.LLM over the same teacher, generating both turns of the same prompts (the
+analysis, then the reply turn that holds it) with the same token limits and stop strings, no
+log-probabilities, no features, no gate, nothing written; wall time from engine start to the last
+output. Measured: `teacher-cache` into a fresh folder (top-k log-probabilities, the hidden states
+kept and pooled into features, the quality gate and its retries, Parquet shards, manifest), same
+wall-time definition; then `teacher-cache` with every gate check off into another folder.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def plain_generation(cfg, prompt_ids: list[list[int]]) -> tuple[float, int]:
+def plain_generation(cfg, tok, batch: list) -> tuple[float, int]:
+    """Seconds and reply tokens of both turns, generated plainly (the cache's sampling)."""
     from vllm import LLM
 
-    from stage1_teacher.teacher_cache import generation_params
+    from shared import prompts
+    from stage1_teacher.teacher_cache import answer_prompts, generation_params
 
     t0 = time.time()
     llm = LLM(str(cfg.teacher.model), **cfg.teacher.engine)
-    params = generation_params(cfg)  # the cache's settings, without logprobs
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
+    replies, _ = answer_prompts(cfg, tok, llm, batch)  # the analysis turn
+    params = generation_params(cfg, stop=prompts.REPLY_STOP)  # the cache's, without logprobs
+    outs = llm.generate([{"prompt_token_ids": ids} for _, ids in replies], params, use_tqdm=True)
     seconds = time.time() - t0
     llm.llm_engine.engine_core.shutdown()
     return seconds, sum(len(o.outputs[0].token_ids) for o in outs)
@@ -47,7 +51,7 @@ def main() -> None:
     from shared import prompts
     from shared.config import load_config
     from shared.models import ensure_model, load_tokenizer
-    from stage1_teacher import teacher_cache
+    from stage1_teacher import quality, teacher_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*args.overrides] + (
@@ -56,29 +60,31 @@ def main() -> None:
         cfg = load_config(
             args.config, args.pipeline, [*overrides, f"teacher_cache.output={tmp}/cache"]
         )
-        # The same without features: what top-k, shards and manifest cost alone.
-        no_features = load_config(
-            args.config,
-            args.pipeline,
-            [*overrides, f"teacher_cache.output={tmp}/cache-nf", "teacher_cache.features=false"],
+        # The same without the gate: what its checks and retries cost.
+        gate_off = [f"teacher_cache.quality.{c}=off" for c in quality.CHECKS]
+        no_gate = load_config(
+            args.config, args.pipeline, [*overrides, f"teacher_cache.output={tmp}/ng", *gate_off]
         )
         ensure_model(cfg.teacher.model)
         tok = load_tokenizer(cfg.teacher.model)
         examples, _ = teacher_cache.read_inputs(cfg)
         examples = examples[: args.limit] if args.limit else examples
-        prompt_ids = [
-            tok(prompts.teacher_prompt(tok, e.dialogue, e.privileged), add_special_tokens=False)[
-                "input_ids"
-            ]
+        batch = [
+            (
+                e,
+                tok(
+                    prompts.teacher_prompt(tok, e.dialogue, e.privileged), add_special_tokens=False
+                )["input_ids"],
+            )
             for e in examples
         ]
-        base_s, base_tokens = plain_generation(cfg, prompt_ids)
+        base_s, base_tokens = plain_generation(cfg, tok, batch)
         summary = teacher_cache.main(cfg)
-        summary_nf = teacher_cache.main(no_features)
+        summary_ng = teacher_cache.main(no_gate)
 
     cache_s = summary["wall_seconds"]
     result = {
-        "examples": len(prompt_ids),
+        "examples": len(batch),
         "top_k": cfg.teacher_cache.top_k,
         "plain_vllm_seconds": round(base_s, 1),
         "plain_vllm_generated_tokens": base_tokens,
@@ -90,8 +96,12 @@ def main() -> None:
         "generate_seconds": summary["generate_seconds"],
         "feature_seconds": summary["feature_seconds"],
         "ratio": round(cache_s / base_s, 3),
-        "teacher_cache_without_features_seconds": summary_nf["wall_seconds"],
-        "ratio_without_features": round(summary_nf["wall_seconds"] / base_s, 3),
+        "accepted_first_try": summary["accepted_first_try"],
+        "accepted_after_retry": summary["accepted_after_retry"],
+        "rejected_by_gate": sum(v for k, v in summary.items() if k.startswith("rejected_")),
+        "teacher_cache_without_gate_seconds": summary_ng["wall_seconds"],
+        "ratio_without_gate": round(summary_ng["wall_seconds"] / base_s, 3),
+        "gate_cost_ratio": round(cache_s / summary_ng["wall_seconds"], 3),
         "bytes_per_reply_token": summary["bytes_per_reply_token"],
     }
     print("\n| figure | value |\n|---|---|")

@@ -49,6 +49,8 @@ def main(folder: Path) -> str:
             "teacher_emotion",
             "teacher_parse_ok",
             "teacher_finish_reason",
+            "teacher_attempt",
+            "quality_flags",
             pl.col("response_token_ids").list.len().alias("reply_tokens"),
         )
         by_source = (
@@ -64,6 +66,13 @@ def main(folder: Path) -> str:
             .collect()
         )
         out.append(_table(by_source, "examples by source"))
+        gate = lf.select(
+            (pl.col("teacher_attempt") == 0).sum().alias("accepted_first_try"),
+            (pl.col("teacher_attempt") > 0).sum().alias("accepted_after_retry"),
+            (pl.col("quality_flags").list.len() > 0).sum().alias("flagged"),
+            (pl.col("reply_tokens") == 0).sum().alias("empty_rows"),
+        ).collect()
+        out.append(_table(gate, "quality gate (rows in the shards; its rejects are below)"))
         agree = (
             lf.filter(pl.col("emotion").is_not_null())
             .group_by("emotion")

@@ -507,6 +507,7 @@ def teacher_rows(
     rows: dict[int, dict] = {}
     failures: dict[int, list[str]] = {i: [] for i in range(len(batch))}
     outcomes: Counter = Counter()
+    final_check: dict[int, str] = {}  # the check that set a rejected example aside
     generated, todo = 0, list(range(len(batch)))
     for attempt in range(q.retries + 1):
         if not todo:
@@ -541,6 +542,7 @@ def teacher_rows(
             if decision != "accept":
                 check = next(c for c, _ in found if q.policy(c) != "flag")
                 outcomes[f"rejected_{check}"] += 1
+                final_check[i] = check
                 continue
             failures.pop(i)
             row["teacher_attempt"] = attempt
@@ -554,7 +556,7 @@ def teacher_rows(
     rejects = [
         Reject(
             batch[i][0].origin,
-            "teacher reply failed the quality gate: " + " | ".join(reasons),
+            f"teacher reply failed the quality gate ({final_check[i]}): " + " | ".join(reasons),
             json.dumps(batch[i][0].dialogue, ensure_ascii=False)[:500],
             batch[i][0].example_id,
         )

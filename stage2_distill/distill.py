@@ -2,7 +2,7 @@
 
     pipeline distill --pipeline demo                            # one process (CPU or one GPU)
     torchrun --nproc_per_node 2 -m stage2_distill.distill --pipeline demo
-    deepspeed --num_gpus 8 -m stage2_distill.distill --config pipelines.yaml --pipeline ed-text
+    deepspeed --num_gpus 8 --module stage2_distill.distill --pipeline ed-text
 
 Reads `distill.shards` (a teacher cache), writes to `distill.output`: resolved_config.yaml,
 checkpoints/, metrics.jsonl, tensorboard/, loss.png, summary.json and final/ (the student as a
@@ -82,6 +82,8 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, cuda: bool) -> dict[s
     if not cuda:
         optimizer["params"]["torch_adam"] = True  # DeepSpeed's fused Adam is CUDA-only
     ds["bf16"] = {"enabled": cuda}  # fp32 on the CPU: bf16 matmuls there are slow and lossy
+    if cuda and d.grad_accum > 1:  # sum micro-batch gradients in fp32, not in bf16
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return ds
 
 

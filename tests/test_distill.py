@@ -339,3 +339,16 @@ def test_other_zero_stages_train_and_export(tmp_path, tiny_student, cache, stage
     plain = AutoModelForCausalLM.from_pretrained(tiny_student)
     exported = AutoModelForCausalLM.from_pretrained(out / "final")
     assert set(exported.state_dict()) == set(plain.state_dict())
+
+
+def test_deepspeed_config_per_device(tmp_path, tiny_student, cache):
+    """torch's Adam and fp32 on the CPU; DeepSpeed's own Adam, bf16 and fp32 gradient
+    accumulation on GPUs (the shipped ZeRO files no longer force torch_adam)."""
+    from stage2_distill.distill import deepspeed_config
+
+    cfg = load_config(make_config(tmp_path, tiny_student, cache, tmp_path / "o", grad_accum=2), "t")
+    cpu, gpu = deepspeed_config(cfg, 2, cuda=False), deepspeed_config(cfg, 2, cuda=True)
+    assert cpu["optimizer"]["params"]["torch_adam"] and not cpu["bf16"]["enabled"]
+    assert "torch_adam" not in gpu["optimizer"]["params"] and gpu["bf16"]["enabled"]
+    assert gpu["data_types"]["grad_accum_dtype"] == "fp32" and "data_types" not in cpu
+    assert gpu["train_batch_size"] == 2 * 2 * 2
