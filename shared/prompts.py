@@ -329,6 +329,9 @@ Reply to improve: {reply}
 {task}"""
 
 IMPROVED_PREFIX = "Improved reply:"
+# After the primed prefix the teacher often starts with a blank line, which is the stop string:
+# 22 of 24 demo rewrites came out empty. The stop strings apply only after this many tokens.
+IMPROVE_MIN_TOKENS = 4
 WEAKEST_PREFIX = "Weakest:"
 _IMPROVED_RE = re.compile(r"^[ \t]*\**[ \t]*Improved reply[ \t]*\**[ \t]*:[ \t]*\**", re.I | re.M)
 
@@ -383,6 +386,7 @@ def improve_template_text() -> dict[str, Any]:
         "sequence_task": SEQUENCE_TASK,
         "prefixes": [IMPROVED_PREFIX, WEAKEST_PREFIX],
         "stop": STOP,
+        "min_tokens": IMPROVE_MIN_TOKENS,
     }
 
 

@@ -118,6 +118,9 @@ def describe_run(cfg: PipelineConfig) -> dict[str, Any]:
         "prompt_template": prompt_template(cfg),
         # the gate that chose the cached replies (a rerun with another gate adds to the cache)
         "quality": cfg.teacher_cache.quality.model_dump(),
+        # how the features were captured: the V1 runner's forward, eager or under CUDA graphs
+        "model_runner": "v1" if cfg.teacher_cache.features else None,
+        "cuda_graphs": not cfg.teacher.engine.get("enforce_eager", False),
     }
 
 
@@ -243,8 +246,15 @@ def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int =
 
     `extra_logprobs`: top-k slots for a VLM's media tokens, dropped from the stored top-k;
     `max_images`: the most images (frames) one prompt carries."""
+    import vllm
     from vllm import LLM
 
+    if cfg.teacher_cache.features and not vllm.__version__.startswith(TESTED_VLLM):
+        raise PipelineError(
+            f"the feature capture wraps vLLM {TESTED_VLLM}'s V1 model runner, and this is vLLM "
+            f"{vllm.__version__}: install vllm=={TESTED_VLLM}.0 (bash scripts/setup.sh gpu), or "
+            "set teacher_cache.features=false"
+        )
     engine = dict(cfg.teacher.engine)
     need = cfg.teacher_cache.top_k + extra_logprobs
     engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
@@ -294,6 +304,7 @@ def stop_engine(llm) -> None:
         core.shutdown()
 
 
+TESTED_VLLM = "0.32"  # the release the feature capture was written against (the CPU build's)
 FEATURE_KEY = "reply_feature_key"  # SamplingParams.extra_args entry: whose hidden states to keep
 
 
@@ -584,7 +595,11 @@ def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None
             # the student's vocabulary has no media placeholder: the teacher may not generate one
             allowed_token_ids=list(range(vocab)) if extras else None,
             extra_args={FEATURE_KEY: ex.example_id} if features else None,
-            **({} if improve else {"stop": prompts.REPLY_STOP}),
+            **(
+                {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
+                if improve
+                else {"stop": prompts.REPLY_STOP}
+            ),
         )
 
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
@@ -694,7 +709,8 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int
     problems: list[list[tuple[str, str]]] = [[] for _ in batch]
 
     def generate(ids_list: list[list[int]], turn: str) -> list[str]:
-        params = [generation_params(cfg, attempt, ex.example_id) for ex, _ in batch]
+        extra = {} if turn == "base" else {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
+        params = [generation_params(cfg, attempt, ex.example_id, **extra) for ex, _ in batch]
         outs = gen.generate([{"prompt_token_ids": ids} for ids in ids_list], params, use_tqdm=False)
         texts = []
         for (ex, _), out, found in zip(batch, outs, problems, strict=True):

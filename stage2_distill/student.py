@@ -143,6 +143,10 @@ class PrideStudent(nn.Module):
         [R, feature_dim] (R = rows with teacher features), or None without a projection."""
         memory = None
         if self.msa is not None and privileged:
+            # A source not given is absent from every row: one fully masked position, so the
+            # same modules run whichever sources a batch holds.
+            absent = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+            privileged = {s: privileged.get(s, (absent, absent)) for s in self.msa.sources}
             memory = self.encode_privileged(privileged)
             if self.training and self.privileged_dropout > 0:
                 # Drop each source per row: the student must not come to rely on privileged text
