@@ -122,3 +122,19 @@ def test_only_the_emotion_is_no_reply(text):
 def test_markdown_reply_marker():
     out = prompts.parse_teacher_output(" sad\n**Feelings:** low\n**Reply:** Oh no, that is hard.\n")
     assert out.parse_ok and out.reply == "Oh no, that is hard." and out.emotion == "sad"
+
+
+def test_retries_sample_with_a_seed_per_example_and_attempt():
+    from shared.config import PipelineConfig
+    from stage1_teacher.teacher_cache import generation_params
+
+    cfg = PipelineConfig()
+    first = generation_params(cfg, 0, "ex1")
+    assert first.temperature == cfg.teacher.temperature and first.seed == cfg.teacher.engine["seed"]
+    retry = generation_params(cfg, 1, "ex1")
+    assert retry.temperature == cfg.teacher_cache.quality.retry_temperature
+    assert retry.seed == generation_params(cfg, 1, "ex1").seed  # a rerun: the same sample
+    assert retry.seed != generation_params(cfg, 2, "ex1").seed
+    assert retry.seed != generation_params(cfg, 1, "ex2").seed
+    cfg.teacher.sampling = {"repetition_penalty": 1.1}
+    assert generation_params(cfg, 1, "ex1").repetition_penalty == 1.1
