@@ -61,7 +61,8 @@ class QualityConfig(Strict):
     `reject` (set aside at once), `flag` (keep, with the flag in the row), `off`."""
 
     empty: Policy = "retry"  # fewer than min_words words
-    repetition: Policy = "retry"  # a sentence twice, or a word n-gram loop
+    repetition: Policy = "retry"  # a sentence or clause twice, or a word n-gram loop
+    echo: Policy = "retry"  # repeats echo_ngram+ consecutive words of the speaker back
     truncated: Policy = "retry"  # stopped at max_new_tokens in mid-sentence
     # the analysis (or the weakest strategy's) format was not followed; the reply itself is the
     # natural chat turn and is checked by the rest, so by default the row is kept with the flag
@@ -74,6 +75,7 @@ class QualityConfig(Strict):
     loop_ngram: int = Field(4, ge=2)
     loop_count: int = Field(3, ge=2)
     leak_ngram: int = Field(6, ge=3)
+    echo_ngram: int = Field(8, ge=3)
     generic_max: int = Field(1, ge=1)
     # Retries: only the failed examples, batched; attempt a of an example samples with a seed
     # derived from (engine seed, example_id, a), so a rerun gives the same reply.

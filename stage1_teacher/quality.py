@@ -9,8 +9,11 @@ example (a fresh, seeded sample), rejects it, or keeps it with a flag, as the ch
 - `empty`: the reply has fewer than `min_words` words (a word: a run of letters, digits or
   apostrophes). No reply at all is the extreme case.
 - `repetition`: the same sentence twice (sentences split after . ! ? or a line break, compared
-  lower-cased with punctuation dropped), or a word n-gram loop: some `loop_ngram` consecutive
-  words occur `loop_count` or more times.
+  lower-cased with punctuation dropped), the same clause of 3+ words twice (clauses: sentences
+  split again at , ; :), or a word n-gram loop: some `loop_ngram` consecutive words occur
+  `loop_count` or more times.
+- `echo`: the reply repeats `echo_ngram` consecutive words of the speaker's turns back at them
+  ("I'm so angry, my landlord is selling the house so I have to move.").
 - `truncated`: generation stopped at `max_new_tokens` (finish reason "length") and the reply does
   not end a sentence (its last character is not . ! ? or a closing quote/bracket after one).
 - `unparsed`: the teacher did not follow the answer format (no "Reply:" field; in the improve
@@ -33,9 +36,10 @@ from shared.config import QualityConfig
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_CLAUSE_SPLIT = re.compile(r"[,;:.!?\n]+")
 _ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]”’]*\s*$")
 
-CHECKS = ("empty", "repetition", "truncated", "unparsed", "leak", "generic", "unchanged")
+CHECKS = ("empty", "repetition", "echo", "truncated", "unparsed", "leak", "generic", "unchanged")
 
 
 def words(text: str) -> list[str]:
@@ -58,6 +62,18 @@ def repeated_sentence(text: str) -> str | None:
         if s in seen:
             return s
         seen.add(s)
+    return None
+
+
+def repeated_clause(text: str, min_words: int = 3) -> str | None:
+    """The first clause of at least `min_words` words that occurs twice, or None."""
+    seen: set[str] = set()
+    for clause in (normalise(c) for c in _CLAUSE_SPLIT.split(text or "")):
+        if len(clause.split()) < min_words:
+            continue
+        if clause in seen:
+            return clause
+        seen.add(clause)
     return None
 
 
@@ -86,6 +102,11 @@ def leaked_note(reply: str, privileged: dict[str, str], n: int, dialogue: str = 
     return None
 
 
+def speaker_text(dialogue: list[dict]) -> str:
+    """The speaker's turns, one per line (what the `echo` check compares against)."""
+    return "\n".join(t["text"] for t in dialogue if t["role"] == "speaker")
+
+
 def check_reply(
     reply: str,
     q: QualityConfig,
@@ -94,13 +115,15 @@ def check_reply(
     finish_reason: str | None = "stop",
     privileged: dict[str, str] | None = None,
     dialogue: str = "",
+    speaker: str = "",
     accepted: Counter | None = None,
     base: str | None = None,
 ) -> list[tuple[str, str]]:
     """Every check `reply` fails, as (check, reason) pairs; checks whose policy is `off` are
-    skipped. `dialogue` is the text the student does see (words it says are no leak);
-    `accepted` counts the normalised replies already accepted (the `generic` check);
-    `base` is the reply an improve-mode answer rewrote (the `unchanged` check)."""
+    skipped. `dialogue` is the text the student does see (words it says are no leak); `speaker`
+    the speaker's own turns (the `echo` check); `accepted` counts the normalised replies already
+    accepted (the `generic` check); `base` is the reply an improve-mode answer rewrote (the
+    `unchanged` check)."""
     on = {c for c in CHECKS if q.policy(c) != "off"}
     found: list[tuple[str, str]] = []
     n_words = len(words(reply))
@@ -108,11 +131,16 @@ def check_reply(
         found.append(("empty", f"empty or too short: {n_words} words (< {q.min_words})"))
     if "repetition" in on and n_words:
         again = repeated_sentence(reply)
+        clause = repeated_clause(reply)
         loop = ngram_loop(reply, q.loop_ngram, q.loop_count)
         if again is not None:
             found.append(("repetition", f"repeats a sentence: {again[:60]!r}"))
+        elif clause is not None:
+            found.append(("repetition", f"repeats a clause: {clause[:60]!r}"))
         elif loop is not None:
             found.append(("repetition", f"loops {loop!r} {q.loop_count}+ times"))
+    if "echo" in on and speaker and _grams(reply, q.echo_ngram) & _grams(speaker, q.echo_ngram):
+        found.append(("echo", f"repeats {q.echo_ngram}+ words of the speaker back"))
     if "truncated" in on and finish_reason == "length" and not _ENDS_SENTENCE.search(reply):
         found.append(("truncated", "cut off at max_new_tokens in mid-sentence"))
     if "unparsed" in on and not parse_ok:

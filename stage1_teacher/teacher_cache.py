@@ -537,6 +537,7 @@ def teacher_rows(
                 finish_reason=row["teacher_finish_reason"],
                 privileged=ex.privileged,
                 dialogue=prompts.render_dialogue(ex.dialogue),
+                speaker=quality.speaker_text(ex.dialogue),
                 accepted=accepted,
                 base=base,
             )
@@ -723,6 +724,7 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int
                 finish_reason=o.finish_reason,
                 privileged=ex.privileged,
                 dialogue=prompts.render_dialogue(ex.dialogue),
+                speaker=quality.speaker_text(ex.dialogue),
             )
             found += [(c, f"{turn}: {r}") for c, r in checks]
             texts.append(reply)

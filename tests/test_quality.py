@@ -41,19 +41,29 @@ def test_empty_or_too_short(reply):
     "reply",
     [
         "I'm so sorry. I'm so sorry.",
-        "I'm so sorry, I'm so sorry.",  # one sentence, a loop inside: caught as an n-gram loop?
+        "I'm so sorry, I'm so sorry.",  # one sentence, a clause twice
         "That is hard.\nThat is hard!",
         "I'm here to help you. You can do it. I'M HERE TO HELP YOU",
         "they're happy, because they're happy, because they're happy, because they're happy",
     ],
 )
 def test_repetition(reply):
-    if reply == "I'm so sorry, I'm so sorry.":
-        # 3 words twice inside one sentence: below the loop length, a choice of the defaults
-        tight = QualityConfig(loop_ngram=3, loop_count=2)
-        assert checks(reply, tight) == ["repetition"]
-        return
     assert checks(reply) == ["repetition"]
+
+
+def test_a_clause_twice_across_sentences():
+    reply = (
+        "I'm so sorry, I'm so sorry that we're so divided, that's why I'm so sorry. "
+        "I'm so sorry that we're so divided, that's why I'm so sorry."
+    )  # seen in a cache: the two sentences differ, their clauses do not
+    assert checks(reply) == ["repetition"]
+
+
+def test_echo_of_the_speaker():
+    speaker = "I am so mad, my landlord is selling the house so I have to move."
+    echo = "I'm so angry, my landlord is selling the house so I have to move."
+    assert checks(echo, speaker=speaker) == ["echo"]
+    assert checks("Your landlord is selling? That is a lot to take in.", speaker=speaker) == []
 
 
 def test_a_repeated_word_is_not_a_repeated_sentence():
