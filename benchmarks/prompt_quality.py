@@ -128,7 +128,12 @@ def main() -> None:
     plain_ok = []
     for ex, reply, reason in zip(cached, plain, finish, strict=True):
         found = check_reply(
-            reply, q, finish_reason=reason, privileged=ex.privileged, accepted=accepted
+            reply,
+            q,
+            finish_reason=reason,
+            privileged=ex.privileged,
+            speaker=quality.speaker_text(ex.dialogue),
+            accepted=accepted,
         )
         for check, _ in found:
             plain_fail[check] += 1

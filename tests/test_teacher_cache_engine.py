@@ -99,8 +99,10 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
             assert abs(dist[token].item() - r["target_logprob"][t]) < 1e-3
             top = torch.tensor(r["topk_token_ids"][t])
             assert torch.allclose(dist[top], torch.tensor(r["topk_logprobs"][t]), atol=1e-3)
-            # the stored ids really are the k best, best first
-            assert torch.equal(torch.sort(dist, descending=True).values[: len(top)], dist[top])
+            # the stored ids really are the k best, best first (two ids whose log-probabilities
+            # tie within float noise may come in either order: compare within the tolerance)
+            best = torch.sort(dist, descending=True).values[: len(top)]
+            assert torch.allclose(best, dist[top], atol=1e-3)
             checked += 1
         # the states that predicted the reply tokens (the last context position for an empty one)
         states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
