@@ -546,7 +546,7 @@ def teacher_rows(
             if not row["response_token_ids"] and decision == "accept":
                 # whatever the policies say, a row without reply tokens is never written
                 found.append(("empty", "no reply tokens"))
-                failures[i][-1] += "no reply tokens"
+                failures[i][-1] += "; no reply tokens" if found[:-1] else "no reply tokens"
                 decision = "retry"
             if decision == "retry" and attempt < q.retries:
                 retry.append(i)
