@@ -62,6 +62,7 @@ class QualityConfig(Strict):
 
     empty: Policy = "retry"  # fewer than min_words words
     repetition: Policy = "retry"  # a sentence or clause twice, or a word n-gram loop
+    refusal: Policy = "retry"  # "as an AI", "I'm unable to provide", ... instead of an answer
     echo: Policy = "retry"  # repeats echo_ngram+ consecutive words of the speaker back
     truncated: Policy = "retry"  # stopped at max_new_tokens in mid-sentence
     # the analysis (or the weakest strategy's) format was not followed; the reply itself is the

@@ -12,6 +12,9 @@ example (a fresh, seeded sample), rejects it, or keeps it with a flag, as the ch
   lower-cased with punctuation dropped), the same clause of 3+ words twice (clauses: sentences
   split again at , ; :), or a word n-gram loop: some `loop_ngram` consecutive words occur
   `loop_count` or more times.
+- `refusal`: the reply refuses or talks about itself as an assistant instead of answering
+  ("as an AI", "as a language model", "I'm unable to provide", "I'm not capable of", "I'm
+  designed to", "I cannot assist"): a student should not learn to decline a person in distress.
 - `echo`: the reply repeats `echo_ngram` consecutive words of the speaker's turns back at them
   ("I'm so angry, my landlord is selling the house so I have to move.").
 - `truncated`: generation stopped at `max_new_tokens` (finish reason "length") and the reply does
@@ -39,7 +42,24 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 _CLAUSE_SPLIT = re.compile(r"[,;:.!?\n]+")
 _ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]”’]*\s*$")
 
-CHECKS = ("empty", "repetition", "echo", "truncated", "unparsed", "leak", "generic", "unchanged")
+_REFUSAL = re.compile(
+    r"\bas an? (?:ai|language model|assistant|language ai)\b|\bi(?:'m| am) (?:unable|not able) to "
+    r"(?:provide|help|assist|answer)|\bi(?:'m| am) not (?:capable|equipped|designed)\b"
+    r"|\bi(?:'m| am) designed to\b|\bi (?:cannot|can't|can not) (?:assist|help) with\b",
+    re.I,
+)
+
+CHECKS = (
+    "empty",
+    "repetition",
+    "refusal",
+    "echo",
+    "truncated",
+    "unparsed",
+    "leak",
+    "generic",
+    "unchanged",
+)
 
 
 def words(text: str) -> list[str]:
@@ -139,6 +159,8 @@ def check_reply(
             found.append(("repetition", f"repeats a clause: {clause[:60]!r}"))
         elif loop is not None:
             found.append(("repetition", f"loops {loop!r} {q.loop_count}+ times"))
+    if "refusal" in on and (m := _REFUSAL.search(reply or "")):
+        found.append(("refusal", f"refuses or speaks as an assistant: {m.group(0)!r}"))
     if "echo" in on and speaker and _grams(reply, q.echo_ngram) & _grams(speaker, q.echo_ngram):
         found.append(("echo", f"repeats {q.echo_ngram}+ words of the speaker back"))
     if "truncated" in on and finish_reason == "length" and not _ENDS_SENTENCE.search(reply):

@@ -148,3 +148,20 @@ def test_retries_sample_with_a_seed_per_example_and_attempt():
     assert retry.seed != generation_params(cfg, 1, "ex2").seed
     cfg.teacher.sampling = {"repetition_penalty": 1.1}
     assert generation_params(cfg, 1, "ex1").repetition_penalty == 1.1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "I'm sorry for your loss, but I'm unable to provide a job search response.",
+        "As an AI, I don't have feelings, but that sounds hard.",
+        "I'm sorry, but as a language AI, I'm designed to assist with language learning.",
+        "I am not equipped to give advice about bats, sorry.",
+    ],
+)
+def test_refusals(reply):
+    assert "refusal" in checks(reply)
+
+
+def test_not_every_unable_is_a_refusal():
+    assert checks("It hurts to feel unable to help him. I'm here for you.") == []
