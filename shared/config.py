@@ -9,10 +9,17 @@ resolved against the folder of the YAML file, so a config works from any working
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from shared.errors import PipelineError
 
@@ -52,7 +59,10 @@ class TeacherConfig(Strict):
     sampling: dict[str, Any] = Field(default_factory=dict)
 
 
-Policy = Literal["retry", "reject", "flag", "off"]
+# YAML reads a bare `off` as false (`--set teacher_cache.quality.leak=off`): take it as "off".
+Policy = Annotated[
+    Literal["retry", "reject", "flag", "off"], BeforeValidator(lambda v: "off" if v is False else v)
+]
 
 
 class QualityConfig(Strict):

@@ -165,3 +165,12 @@ def test_refusals(reply):
 
 def test_not_every_unable_is_a_refusal():
     assert checks("It hurts to feel unable to help him. I'm here for you.") == []
+
+
+def test_a_bare_off_from_yaml_turns_a_check_off(tmp_path):
+    from shared.config import load_config
+
+    config = tmp_path / "p.yaml"
+    config.write_text("pipelines:\n  t:\n    teacher_cache:\n      quality: {leak: off}\n")
+    cfg = load_config(config, "t", ["teacher_cache.quality.echo=off"])
+    assert cfg.teacher_cache.quality.leak == "off" and cfg.teacher_cache.quality.echo == "off"
