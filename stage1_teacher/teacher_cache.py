@@ -184,7 +184,7 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
     vision-language teacher (`processor`) each example's media are loaded here too, so a missing
     or corrupt file is a reject before any engine starts (the frames are loaded again per shard,
     rather than held in memory for the whole run)."""
-    max_len = cfg.teacher.engine.get("max_model_len", 2048)
+    max_len = context_length(cfg)
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
     if improve and processor is not None:
         raise PipelineError("teacher_cache.mode=improve works with text teachers only")
@@ -240,6 +240,23 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
 # ----------------------------------------------------------------------------- teacher
 
 
+def context_length(cfg: PipelineConfig) -> int:
+    """`teacher.engine.max_model_len`, capped at what the model itself allows: vLLM refuses to
+    start with more context than the model's `max_position_embeddings`."""
+    from transformers import AutoConfig
+
+    asked = cfg.teacher.engine.get("max_model_len", 2048)
+    text = AutoConfig.from_pretrained(cfg.teacher.model).get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and asked > limit:
+        print(
+            f"note: teacher.engine.max_model_len {asked} > the model's {limit} positions; "
+            f"using {limit}"
+        )
+        return limit
+    return asked
+
+
 def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0):
     """The teacher's generation engine; with features on, its workers also keep the hidden states
     of the replies they generate (`ReplyFeatures`).
@@ -256,6 +273,12 @@ def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int =
             "set teacher_cache.features=false"
         )
     engine = dict(cfg.teacher.engine)
+    if engine.get("data_parallel_size", 1) > 1:
+        raise PipelineError(
+            "teacher.engine.data_parallel_size: vLLM's offline engine runs one replica; run one "
+            "teacher-cache per GPU (or tensor-parallel group) on its own share of the inputs"
+        )
+    engine["max_model_len"] = context_length(cfg)
     need = cfg.teacher_cache.top_k + extra_logprobs
     engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
     # The cache promises raw log-probabilities (log-softmax of the unprocessed logits, before
@@ -273,7 +296,7 @@ def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int =
         # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded
         # request (a retry) has its prefill split over two steps. A token budget per step that
         # holds a whole shard's prompts keeps every prefill in one piece.
-        max_len = engine.get("max_model_len", 2048)
+        max_len = engine["max_model_len"]
         engine.setdefault("max_num_batched_tokens", max_len * cfg.teacher_cache.shard_size)
     if cfg.teacher_cache.features:
         engine["worker_extension_cls"] = f"{__name__}.ReplyFeatures"
@@ -289,10 +312,17 @@ def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int =
     except (RuntimeError, ValueError) as e:
         # An engine that did start would keep its worker processes (and the job) alive.
         stop_engine(gen)
+        # vLLM's own cause, not only its first line ("1 validation error for ModelConfig")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = "; ".join(lines[:3])[:400]
+        hint = ""
+        if any(w in cause.lower() for w in ("memory", "kv cache", "cache blocks")):
+            hint = (
+                "; lower teacher.engine.kv_cache_memory_bytes (the KV cache the engine reserves; "
+                "gpu_memory_utilization on GPUs) or stop other jobs"
+            )
         raise PipelineError(
-            f"the vLLM engine did not start ({str(e).splitlines()[0]}; its log is above); on the "
-            "CPU the usual cause is memory: lower teacher.engine.kv_cache_memory_bytes (the KV "
-            "cache the engine reserves; gpu_memory_utilization on GPUs) or stop other jobs"
+            f"the vLLM engine did not start: {cause} (its log is above){hint}"
         ) from None
     return gen
 

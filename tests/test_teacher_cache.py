@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from stage1_teacher.teacher_cache import FEATURE_KEY, ReplyFeatures
@@ -86,3 +87,22 @@ def test_a_span_with_a_missing_state_pools_to_none():
         "ex-a": None,
         "ex-z": None,
     }
+
+
+def test_engine_context_is_capped_at_the_model_and_dp_is_refused(tmp_path, capsys):
+    """A model with fewer positions than teacher.engine.max_model_len: capped with a note (vLLM
+    would refuse to start); data_parallel_size inside one engine: one readable line."""
+    from transformers import LlamaConfig
+
+    from shared.config import PipelineConfig
+    from shared.errors import PipelineError
+    from stage1_teacher import teacher_cache
+
+    LlamaConfig(max_position_embeddings=1024).save_pretrained(tmp_path)
+    cfg = PipelineConfig()
+    cfg.teacher.model = tmp_path
+    assert teacher_cache.context_length(cfg) == 1024
+    assert "max_model_len 2048 > the model's 1024 positions" in capsys.readouterr().out
+    cfg.teacher.engine = {**cfg.teacher.engine, "data_parallel_size": 2}
+    with pytest.raises(PipelineError, match="data_parallel_size"):
+        teacher_cache.start_engine(cfg)
