@@ -176,7 +176,9 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
     return ids
 
 
-def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[list, dict]:
+def plan_work(
+    cfg, tokenizer, examples, rejects, done, processor=None, max_len: int | None = None
+) -> tuple[list, dict]:
     """The examples the teacher still has to answer, with their prompt token ids.
 
     Prompts are rendered here, up front: a dialogue that cannot fit the teacher's context becomes
@@ -184,7 +186,7 @@ def plan_work(cfg, tokenizer, examples, rejects, done, processor=None) -> tuple[
     vision-language teacher (`processor`) each example's media are loaded here too, so a missing
     or corrupt file is a reject before any engine starts (the frames are loaded again per shard,
     rather than held in memory for the whole run)."""
-    max_len = context_length(cfg)
+    max_len = max_len or context_length(cfg)
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
     if improve and processor is not None:
         raise PipelineError("teacher_cache.mode=improve works with text teachers only")
@@ -257,7 +259,9 @@ def context_length(cfg: PipelineConfig) -> int:
     return asked
 
 
-def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0):
+def start_engine(
+    cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0, max_len: int | None = None
+):
     """The teacher's generation engine; with features on, its workers also keep the hidden states
     of the replies they generate (`ReplyFeatures`).
 
@@ -278,7 +282,7 @@ def start_engine(cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int =
             "teacher.engine.data_parallel_size: vLLM's offline engine runs one replica; run one "
             "teacher-cache per GPU (or tensor-parallel group) on its own share of the inputs"
         )
-    engine["max_model_len"] = context_length(cfg)
+    engine["max_model_len"] = max_len or context_length(cfg)
     need = cfg.teacher_cache.top_k + extra_logprobs
     engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
     # The cache promises raw log-probabilities (log-softmax of the unprocessed logits, before
@@ -825,7 +829,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     rejects += gated
     done |= {r.example_id for r in gated}
 
-    pending, counts = plan_work(cfg, tokenizer, examples, rejects, done, processor)
+    max_len = context_length(cfg)  # once: the plan and the engine use the same cap
+    pending, counts = plan_work(cfg, tokenizer, examples, rejects, done, processor, max_len)
     counts["already_cached"] -= len(gated)  # each was counted once as done: it is a reject
     generated, new_shards, t_teacher, t_startup, seconds = 0, [], 0.0, 0.0, Counter()
     outcomes: Counter = Counter()
@@ -833,13 +838,13 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
         t_engine = time.time()
         if processor is None:
-            gen = start_engine(cfg)
+            gen = start_engine(cfg, max_len=max_len)
         else:
             extras = media_extras(processor, settings["vocab_size"])
             # a prompt's images: one per image file, `frames` per video (an upper bound)
             per_entry = {"image": 1, "video": tc.media.frames}
             most = max(sum(per_entry[m["type"]] for m in ex.media) for ex, _ in pending)
-            gen = start_engine(cfg, len(extras), max(most, 1))
+            gen = start_engine(cfg, len(extras), max(most, 1), max_len)
         t0 = time.time()  # tokens/s counts teacher work, not engine start-up
         next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
         accepted = accepted_replies(out, manifest)

@@ -174,3 +174,13 @@ def test_a_bare_off_from_yaml_turns_a_check_off(tmp_path):
     config.write_text("pipelines:\n  t:\n    teacher_cache:\n      quality: {leak: off}\n")
     cfg = load_config(config, "t", ["teacher_cache.quality.echo=off"])
     assert cfg.teacher_cache.quality.leak == "off" and cfg.teacher_cache.quality.echo == "off"
+
+
+def test_parse_analysis_needs_the_emotion_and_a_step():
+    full = prompts.parse_analysis(" sad\nFeelings: low.\nSituation: a move.\nReply: Oh no.")
+    assert full.parse_ok and full.emotion == "sad"
+    assert full.reasoning == "Emotion: sad\nFeelings: low.\nSituation: a move."  # no reply in it
+    only = prompts.parse_analysis(" sad\nFriend: I'm so sorry.")
+    assert not only.parse_ok and only.emotion == "sad"
+    sentence = prompts.parse_analysis(" I'm not sure I'm ready to talk about it.")
+    assert not sentence.parse_ok and sentence.emotion is None

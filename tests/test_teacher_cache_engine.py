@@ -139,7 +139,7 @@ def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
     # The same command again: no teacher work, no engine, finished shards untouched.
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
 
-    def no_engine(cfg):
+    def no_engine(*args, **kwargs):
         raise AssertionError("a rerun with nothing new must not start the engine")
 
     monkeypatch.setattr(teacher_cache, "start_engine", no_engine)
