@@ -121,6 +121,7 @@ def describe_run(cfg: PipelineConfig) -> dict[str, Any]:
         # how the features were captured: the V1 runner's forward, eager or under CUDA graphs
         "model_runner": "v1" if cfg.teacher_cache.features else None,
         "cuda_graphs": not cfg.teacher.engine.get("enforce_eager", False),
+        "head_dtype": head_dtype(cfg),  # the lm_head's dtype, which the log-probabilities see
     }
 
 
@@ -259,6 +260,15 @@ def context_length(cfg: PipelineConfig) -> int:
     return asked
 
 
+def head_dtype(cfg: PipelineConfig) -> str:
+    """The dtype of the teacher's lm_head: float32 unless `teacher.engine.hf_overrides` says
+    otherwise ("model": the model's own dtype). A bf16 teacher's top-k log-probabilities then come
+    from fp32 logits, not from bf16 ones (whose rounding alone moves a log-probability by up to
+    ~0.03 nats at a logit of 8). vLLM 0.32 accumulates the bf16 matmul straight into fp32 on CUDA,
+    with no fp32 copy of the weights; a float32 teacher is unaffected."""
+    return cfg.teacher.engine.get("hf_overrides", {}).get("head_dtype", "float32")
+
+
 def start_engine(
     cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0, max_len: int | None = None
 ):
@@ -292,6 +302,7 @@ def start_engine(
             f"teacher.engine.logprobs_mode={engine['logprobs_mode']!r}: the cache stores raw "
             "log-probabilities; remove the setting"
         )
+    engine["hf_overrides"] = {**engine.get("hf_overrides", {}), "head_dtype": head_dtype(cfg)}
     if max_images:
         engine.setdefault("limit_mm_per_prompt", {"image": max_images})
     from vllm.platforms import current_platform

@@ -21,6 +21,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +37,8 @@ from stage2_distill import losses, two_step
 from stage2_distill.batch import collate, encode_row, usable
 from stage2_distill.stream import ShardStream, check_shards
 
-# method: (loss terms, multi-source attention over privileged text, what the CE target is)
-METHODS: dict[str, tuple[tuple[str, ...], bool, str]] = {
-    "pride": (("ce", "rkl", "mmd"), True, "teacher"),
-    "pride-no-pi": (("ce", "rkl", "mmd"), False, "teacher"),
-    "pride-no-mmd": (("ce", "rkl"), True, "teacher"),
-    "pride-no-rkl": (("ce", "mmd"), True, "teacher"),
-    "sft": (("ce",), False, "reference"),
-    "seqkd": (("ce",), False, "teacher"),
-    "kd": (("ce", "fkl"), False, "teacher"),
-    "sft-dpo": (("ce",), False, "pair"),  # the loop calls two_step for its losses
-}
 MODEL_INPUTS = ("input_ids", "attention_mask", "pred_rows", "pred_cols")
 FEATURE_INPUTS = ("feat_rows", "feat_cols", "feat_index")
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -78,11 +68,25 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, cuda: bool) -> dict[s
     ds["gradient_accumulation_steps"] = d.grad_accum
     ds["train_batch_size"] = d.micro_batch_size * d.grad_accum * world_size
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    optimizer.setdefault("params", {}).update(lr=d.lr, weight_decay=d.weight_decay)
+    params = optimizer.setdefault("params", {})
+    params.update(lr=d.lr, weight_decay=d.weight_decay)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer")
     if not cuda:
-        optimizer["params"]["torch_adam"] = True  # DeepSpeed's fused Adam is CUDA-only
+        params["torch_adam"] = True  # DeepSpeed's FusedAdam is CUDA-only
+    elif not offload and optimizer["type"].lower() in ("adam", "adamw"):
+        # torch's fused AdamW: one CUDA kernel like DeepSpeed's FusedAdam, but nothing to
+        # compile (FusedAdam is built at first use, which needs nvcc and ninja on the machine).
+        # A config that sets torch_adam=false gets FusedAdam; an offloaded optimizer is left to
+        # DeepSpeed (its CPU Adam).
+        params.setdefault("torch_adam", True)
+        if params["torch_adam"]:
+            params.setdefault("fused", True)
     ds["bf16"] = {"enabled": cuda}  # fp32 on the CPU: bf16 matmuls there are slow and lossy
-    if cuda and d.grad_accum > 1:  # sum micro-batch gradients in fp32, not in bf16
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if cuda and d.grad_accum > 1 and stage > 0:
+        # Sum micro-batch gradients in fp32, not in bf16. DeepSpeed has no such mix without
+        # ZeRO ("unsupported mix of model_dtype and grad_accum_dtype"): ZeRO-0 under bf16 keeps
+        # bf16 weights and gradients throughout, ZeRO-1 is the fp32 alternative on one GPU.
         ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return ds
 
@@ -216,16 +220,99 @@ def plot_losses(metrics_path: Path, target: Path) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- methods
 
 
-def main(cfg: PipelineConfig) -> dict[str, Any]:
-    t_start = time.time()
+def distill_values(run: Run, rows: list[dict], step: int) -> dict[str, torch.Tensor]:
+    """One micro-batch of a distillation method (pride and its ablations, sft, seqkd, kd)."""
+    method, d = run.plan.method, run.cfg.distill
+    batch = run.make_batch(rows, [method.target])
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    if run.model.proj is not None:
+        inputs.update({k: batch[k] for k in FEATURE_INPUTS})
+    if run.model.msa is not None:
+        inputs["privileged"] = batch["privileged"]
+    return compute_losses(run.engine(**inputs), batch, method.terms, d.weights, d.temperature)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one `distill.method` trains. `values` gives one micro-batch's loss terms (and
+    "loss", the one backpropagated); `boundary(run, step)`, after an optimizer step (and before
+    the first one of a fresh run), returns True to force a checkpoint there; `phase(d, step)` is
+    what the run state records for the step the next optimizer step is in."""
+
+    terms: tuple[str, ...]  # the loss terms logged (compute_losses' names)
+    privileged: bool  # multi-source attention over the privileged text
+    target: str  # what the CE target is (batch.encode_row's `target`)
+    values: Callable[..., dict[str, torch.Tensor]] = distill_values
+    boundary: Callable[..., bool] | None = None
+    phase: Callable[..., str] = lambda d, step: "train"
+
+
+METHODS: dict[str, Method] = {
+    "pride": Method(("ce", "rkl", "mmd"), True, "teacher"),
+    "pride-no-pi": Method(("ce", "rkl", "mmd"), False, "teacher"),
+    "pride-no-mmd": Method(("ce", "rkl"), True, "teacher"),
+    "pride-no-rkl": Method(("ce", "mmd"), True, "teacher"),
+    "sft": Method(("ce",), False, "reference"),
+    "seqkd": Method(("ce",), False, "teacher"),
+    "kd": Method(("ce", "fkl"), False, "teacher"),
+    "sft-dpo": Method(
+        ("ce",),
+        False,
+        "pair",
+        values=two_step.values,
+        boundary=two_step.boundary,
+        phase=lambda d, step: two_step.phase(d.sft_steps, step),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+@dataclass
+class Plan:
+    """What prepare() settled: the cache's contract, this process's rank, where to resume."""
+
+    method: Method
+    student_dir: Path
+    tokenizer: Any
+    manifest: dict
+    rank: int
+    world: int
+    cuda: bool
+    resume: dict[str, Any] | None
+    step: int  # the optimizer steps already done
+    total_steps: int
+    new_shards: list[dict]  # shards the cache gained since the checkpoint
+    per_step: int  # rows per optimizer step, over all ranks
+
+
+@dataclass
+class Run:
+    """What build() made for train(): the engine, the stream and how rows become batches."""
+
+    cfg: PipelineConfig
+    plan: Plan
+    model: Any  # the PrideStudent inside the engine
+    engine: Any
+    stream: ShardStream
+    make_batch: Callable[[list[dict], list[str]], dict]
+    reference: Any = None  # sft-dpo: the frozen step-one model, once step two begins
+
+    @property
+    def out(self) -> Path:
+        return self.cfg.distill.output
+
+
+def prepare(cfg: PipelineConfig) -> Plan:
+    """The contract before anything heavy (the cache must fit the student's tokenizer), then
+    the process group, a --fresh clean-up, the checkpoint to resume from and the step budget."""
     d = cfg.distill
-    terms, use_privileged, target = METHODS[d.method]
+    method = METHODS[d.method]
     two = d.method == "sft-dpo"
-
-    # 1. The contract, before anything heavy: the cache must fit the student's tokenizer.
     student_dir = ensure_model(cfg.student.model)
     tokenizer = load_tokenizer(student_dir)
     manifest = verify_cache(
@@ -239,21 +326,12 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         raise PipelineError(f"{d.shards}: the cache has no shards; run `pipeline teacher-cache`")
     if two:
         two_step.check_pairs(d.shards, manifest)
-    settings = manifest["settings"]
-    if "mmd" in terms and not settings.get("feature_dim"):
-        terms = tuple(t for t in terms if t != "mmd")  # the cache was built with features off
+    if "mmd" in method.terms and not manifest["settings"].get("feature_dim"):
+        # The cache was built with features off.
+        method = replace(method, terms=tuple(t for t in method.terms if t != "mmd"))
         print(f"note: {d.shards} has no teacher features; training {d.method} without MMD")
 
-    # 2. Processes, output folder, where to resume from.
-    import deepspeed
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
-
-    from stage2_distill.student import PrideStudent, export_student
-
     rank, world = init_distributed()
-    cuda = torch.cuda.is_available()
     out, ckpt_dir = d.output, d.output / "checkpoints"
     if d.fresh and rank == 0:
         names = ("checkpoints", "tensorboard", "final", two_step.REFERENCE, "metrics.jsonl")
@@ -278,7 +356,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     total_steps = max(d.max_steps, resume["total_steps"] if resume else 0)
     if two:  # a fixed length: new shards are read next, but extend neither step
         total_steps = d.sft_steps + d.dpo_steps
-        if resume and resume.get("phase") != two_step.phase(d.sft_steps, step):
+        if resume and resume.get("phase") != method.phase(d, step):
             raise PipelineError(
                 f"{ckpt_dir} was saved before a {resume.get('phase')} step, which "
                 f"distill.sft_steps={d.sft_steps} contradicts: keep it, or use --fresh"
@@ -288,43 +366,67 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         total_steps = max(total_steps, step + math.ceil(new_rows / per_step))
     if rank == 0:
         write_resolved(cfg, out)
+    return Plan(
+        method=method,
+        student_dir=student_dir,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        rank=rank,
+        world=world,
+        cuda=torch.cuda.is_available(),
+        resume=resume,
+        step=step,
+        total_steps=total_steps,
+        new_shards=new_shards,
+        per_step=per_step,
+    )
 
-    # 3. The student: base model + multi-source attention + MMD projection, in the engine.
+
+def build(cfg: PipelineConfig, plan: Plan) -> Run:
+    """The student (base model + multi-source attention + MMD projection) in a DeepSpeed engine,
+    the checkpoint loaded, and the shard stream at its saved position."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    from stage2_distill.student import PrideStudent
+
+    d, method, settings = cfg.distill, plan.method, plan.manifest["settings"]
     torch.manual_seed(d.seed)  # the new modules' initial weights
     base = AutoModelForCausalLM.from_pretrained(
-        student_dir, dtype=torch.bfloat16 if cuda else torch.float32
+        plan.student_dir, dtype=torch.bfloat16 if plan.cuda else torch.float32
     )
     model = PrideStudent(
         base,
-        sources=d.privileged_sources if use_privileged else [],
+        sources=d.privileged_sources if method.privileged else [],
         layer=d.attention_layer,
-        feature_dim=settings["feature_dim"] if "mmd" in terms else None,
+        feature_dim=settings["feature_dim"] if "mmd" in method.terms else None,
         privileged_dropout=d.privileged_dropout,
     )
-    ds_config = deepspeed_config(cfg, world, cuda)
+    ds_config = deepspeed_config(cfg, plan.world, plan.cuda)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
-        lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(d, total_steps),
+        lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(d, plan.total_steps),
     )
+    ckpt_dir, resume = d.output / "checkpoints", plan.resume
     if resume:
         loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
         if loaded is None:
             raise PipelineError(f"cannot load checkpoint {ckpt_dir / resume['tag']}; use --fresh")
     stream = ShardStream(
         d.shards,
-        manifest["shards"],
-        rank=rank,
-        world_size=world,
+        plan.manifest["shards"],
+        rank=plan.rank,
+        world_size=plan.world,
         seed=d.seed,
         buffer_size=d.shuffle_buffer,
-        keep=lambda row: usable(row, target=target, skip_unparsed=d.skip_unparsed),
+        keep=lambda row: usable(row, target=method.target, skip_unparsed=d.skip_unparsed),
         state=resume["stream"] if resume else None,
     )
-    stream.add_shards(new_shards)
+    stream.add_shards(plan.new_shards)
 
-    # 4. Train.
+    tokenizer = plan.tokenizer
     sources = model.msa.sources if model.msa else []
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -344,111 +446,135 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             for t in targets
             for r in rows
         ]
-        return to_device(collate(examples, pad_id, settings["top_k"], sources))
+        return to_device(collate(examples, pad_id, settings["top_k"], sources), engine.device)
 
-    def to_device(x):
-        if isinstance(x, torch.Tensor):
-            return x.to(engine.device)
-        if isinstance(x, dict):
-            return {k: to_device(v) for k, v in x.items()}
-        return tuple(to_device(v) for v in x) if isinstance(x, tuple) else x
+    return Run(cfg=cfg, plan=plan, model=model, engine=engine, stream=stream, make_batch=make_batch)
 
-    rows_trained = resume["rows_trained"] if resume else 0
-    first_step, last = step, {}
-    writer = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
-    metrics_path = out / "metrics.jsonl"
+
+def to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return tuple(to_device(v, device) for v in x) if isinstance(x, tuple) else x
+
+
+def mean_over_ranks(sums: dict[str, float], world: int, device) -> dict[str, float]:
+    """The logged values averaged over ranks, reduced on the engine's device (NCCL has no CPU
+    side). Every rank logs the same keys: the method, not the data, decides them. One rank
+    reduces too: a few microseconds, and a single-GPU run proves the collective works."""
+    flat = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    return dict(zip(sums, (flat / world).tolist(), strict=True))
+
+
+def train(run: Run) -> dict[str, Any]:
+    """The optimizer steps from the checkpoint's to the budget's: grad_accum micro-batches of
+    the method's step function each, the mean losses logged, a checkpoint every
+    `checkpoint_every` steps, at the end and wherever the method's boundary asks for one."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    cfg, plan, engine, method = run.cfg, run.plan, run.engine, run.plan.method
+    d, rank, world = cfg.distill, plan.rank, plan.world
+    step, total_steps = plan.step, plan.total_steps
+    rows_trained = plan.resume["rows_trained"] if plan.resume else 0
+    writer = SummaryWriter(str(run.out / "tensorboard")) if rank == 0 else None
+    metrics_path = run.out / "metrics.jsonl"
     if rank == 0 and metrics_path.exists():  # drop lines past the checkpoint (a crashed run's)
         lines = metrics_path.read_text().splitlines()
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
         atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     metrics = metrics_path.open("a", encoding="utf-8") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"distill {d.method}")
-    reference = None  # sft-dpo: the frozen step-one model, once step two begins
-    if two and step == 0 and d.sft_steps == 0:
-        two_step.save_reference(engine, tokenizer, out, rank)  # DPO from the base student
+    if step == 0 and method.boundary:  # e.g. sft-dpo with sft_steps=0: DPO from the base
+        method.boundary(run, step)
     engine.train()
+    last: dict[str, float] = {}
     t_loop = time.time()
-    while step < total_steps:
-        t0 = time.time()
-        sums: dict[str, float] = {}
-        in_dpo = two and step >= d.sft_steps
-        if in_dpo and reference is None:
-            reference = two_step.load_reference(out, engine.device, base.dtype)
-        for micro in range(d.grad_accum):
-            rows = [next(stream) for _ in range(d.micro_batch_size)]
-            # Seeded by position, not by history: privileged dropout draws the same masks
-            # whether or not the run was stopped and resumed.
-            torch.manual_seed(d.seed + 7919 * ((step * d.grad_accum + micro) * world + rank))
-            if in_dpo:
-                values = two_step.dpo_values(engine, reference, rows, make_batch, d.dpo_beta)
-            elif two:
-                values = two_step.sft_values(engine, rows, make_batch, d.sft_on_originals)
-            else:
-                batch = make_batch(rows, [target])
-                inputs = {k: batch[k] for k in MODEL_INPUTS}
-                if model.proj is not None:
-                    inputs.update({k: batch[k] for k in FEATURE_INPUTS})
-                if model.msa is not None:
-                    inputs["privileged"] = batch["privileged"]
-                values = compute_losses(engine(**inputs), batch, terms, d.weights, d.temperature)
-            engine.backward(values["loss"])
-            lr = engine.get_lr()[0]
-            engine.step()
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value.item() / d.grad_accum
-        step += 1
-        rows_trained += per_step
-        if world > 1:  # log the mean over ranks (on the engine's device: NCCL has no CPU side)
-            flat = torch.tensor(list(sums.values()), dtype=torch.float64, device=engine.device)
-            dist.all_reduce(flat)
-            sums = dict(zip(sums, (flat / world).tolist(), strict=True))
-        last = sums
+    try:
+        while step < total_steps:
+            t0 = time.time()
+            sums: dict[str, float] = {}
+            for micro in range(d.grad_accum):
+                rows = [next(run.stream) for _ in range(d.micro_batch_size)]
+                # Seeded by position, not by history: privileged dropout draws the same masks
+                # whether or not the run was stopped and resumed.
+                torch.manual_seed(d.seed + 7919 * ((step * d.grad_accum + micro) * world + rank))
+                values = method.values(run, rows, step)
+                engine.backward(values["loss"])
+                lr = engine.get_lr()[0]
+                engine.step()
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0.0) + value.item() / d.grad_accum
+            step += 1
+            rows_trained += plan.per_step
+            last = mean_over_ranks(sums, world, engine.device)
+            if rank == 0:
+                record = {"step": step, **last, "lr": lr, "seconds": round(time.time() - t0, 4)}
+                log_step(record, metrics, writer, bar)
+            forced = method.boundary(run, step) if method.boundary else False
+            if step % d.checkpoint_every == 0 or step == total_steps or forced:
+                run_state = {
+                    "step": step,
+                    "total_steps": total_steps,
+                    "method": d.method,
+                    "phase": method.phase(d, step),
+                    "world_size": world,
+                    "rows_trained": rows_trained,
+                    "stream": run.stream.state_dict(),
+                }
+                ckpt_dir = run.out / "checkpoints"
+                save_checkpoint(engine, ckpt_dir, step, run_state, rank, d.keep_checkpoints)
+    finally:
+        bar.close()
         if rank == 0:
-            record = {"step": step, **sums, "lr": lr, "seconds": round(time.time() - t0, 4)}
-            log_step(record, metrics, writer, bar)
-        switch = two and step == d.sft_steps  # step one done: its model is step two's reference
-        if switch:
-            two_step.save_reference(engine, tokenizer, out, rank)
-        if step % d.checkpoint_every == 0 or step == total_steps or switch:
-            run_state = {
-                "step": step,
-                "total_steps": total_steps,
-                "method": d.method,
-                # sft-dpo: the step the next optimizer step is in (dpo: needs sft_reference/)
-                "phase": two_step.phase(d.sft_steps, step) if two else "train",
-                "world_size": world,
-                "rows_trained": rows_trained,
-                "stream": stream.state_dict(),
-            }
-            save_checkpoint(engine, ckpt_dir, step, run_state, rank, d.keep_checkpoints)
-    bar.close()
+            metrics.close()
+            writer.close()
+    done = step - plan.step
+    return {
+        "step": step,
+        "rows_trained": rows_trained,
+        "last": last,
+        "seconds_per_step": round((time.time() - t_loop) / done, 3) if done else "-",
+    }
 
-    # 5. Export the base model alone (the extra modules add nothing without privileged input).
-    export_student(engine, tokenizer, out / "final", rank)
+
+def finish(run: Run, trained: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """Export the base model alone (the extra modules add nothing without privileged input),
+    plot the losses and write the summary."""
+    from stage2_distill.student import export_student
+
+    plan, d, out = run.plan, run.cfg.distill, run.out
+    export_student(run.engine, plan.tokenizer, out / "final", plan.rank)
     dist.barrier()
     summary = {
         "method": d.method,
-        "steps": f"{first_step} -> {step} (of {total_steps})",
-        "resumed from": resume["tag"] if resume else "no (fresh start)",
-        "new shards": ", ".join(s["file"] for s in new_shards) or "none",
-        **({"sft / dpo steps": f"{d.sft_steps} / {d.dpo_steps}"} if two else {}),
-        "shards": len(manifest["shards"]),
-        "rows trained": rows_trained,
-        "ranks": world,
-        "last losses": ", ".join(f"{k} {v:.4f}" for k, v in last.items()) or "-",
-        "seconds per step": round((time.time() - t_loop) / (step - first_step), 3)
-        if step > first_step
-        else "-",
+        "steps": f"{plan.step} -> {trained['step']} (of {plan.total_steps})",
+        "resumed from": plan.resume["tag"] if plan.resume else "no (fresh start)",
+        "new shards": ", ".join(s["file"] for s in plan.new_shards) or "none",
+        **({"sft / dpo steps": f"{d.sft_steps} / {d.dpo_steps}"} if d.method == "sft-dpo" else {}),
+        "shards": len(plan.manifest["shards"]),
+        "rows trained": trained["rows_trained"],
+        "ranks": plan.world,
+        "last losses": ", ".join(f"{k} {v:.4f}" for k, v in trained["last"].items()) or "-",
+        "seconds per step": trained["seconds_per_step"],
         "final": str(out / "final"),
         "seconds": round(time.time() - t_start, 1),
     }
-    if rank == 0:
-        metrics.close()
-        writer.close()
+    if plan.rank == 0:
+        metrics_path = out / "metrics.jsonl"
         if metrics_path.stat().st_size:
             plot_losses(metrics_path, out / "loss.png")
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    t_start = time.time()
+    plan = prepare(cfg)
+    run = build(cfg, plan)
+    return finish(run, train(run), t_start)
 
 
 if __name__ == "__main__":

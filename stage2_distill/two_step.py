@@ -83,6 +83,25 @@ def load_reference(out: Path, device, dtype: torch.dtype) -> PrideStudent:
     return reference
 
 
+def values(run, rows: list[dict], step: int) -> dict:
+    """distill's step function for sft-dpo: step one's CE or step two's DPO, by the step."""
+    d = run.cfg.distill
+    if phase(d.sft_steps, step) == "sft":
+        return sft_values(run.engine, rows, run.make_batch, d.sft_on_originals)
+    if run.reference is None:  # the first DPO step of this process (fresh or resumed)
+        run.reference = load_reference(run.out, run.engine.device, run.model.base.dtype)
+    return dpo_values(run.engine, run.reference, rows, run.make_batch, d.dpo_beta)
+
+
+def boundary(run, step: int) -> bool:
+    """After `step` optimizer steps: at the switch, export step one's model as step two's
+    reference and force a checkpoint (so a resumed DPO step finds both)."""
+    if step != run.cfg.distill.sft_steps:
+        return False
+    save_reference(run.engine, run.plan.tokenizer, run.out, run.plan.rank)
+    return True
+
+
 def sft_values(engine, rows: list[dict], make_batch: Callable, on_originals: bool) -> dict:
     """Step one: CE on the improved replies (and on the originals, `sft_on_originals`)."""
     batch = make_batch(rows, ["teacher", "base"] if on_originals else ["teacher"])

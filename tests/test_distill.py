@@ -342,13 +342,52 @@ def test_other_zero_stages_train_and_export(tmp_path, tiny_student, cache, stage
 
 
 def test_deepspeed_config_per_device(tmp_path, tiny_student, cache):
-    """torch's Adam and fp32 on the CPU; DeepSpeed's own Adam, bf16 and fp32 gradient
-    accumulation on GPUs (the shipped ZeRO files no longer force torch_adam)."""
+    """torch's Adam and fp32 on the CPU; torch's fused AdamW (nothing to compile), bf16 and fp32
+    gradient accumulation on GPUs; a config's own torch_adam=false (FusedAdam) is kept."""
     from stage2_distill.distill import deepspeed_config
 
     cfg = load_config(make_config(tmp_path, tiny_student, cache, tmp_path / "o", grad_accum=2), "t")
     cpu, gpu = deepspeed_config(cfg, 2, cuda=False), deepspeed_config(cfg, 2, cuda=True)
     assert cpu["optimizer"]["params"]["torch_adam"] and not cpu["bf16"]["enabled"]
-    assert "torch_adam" not in gpu["optimizer"]["params"] and gpu["bf16"]["enabled"]
+    assert gpu["optimizer"]["params"]["fused"] and gpu["bf16"]["enabled"]
     assert gpu["data_types"]["grad_accum_dtype"] == "fp32" and "data_types" not in cpu
     assert gpu["train_batch_size"] == 2 * 2 * 2
+    own = tmp_path / "fused.json"
+    own.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}))
+    cfg.distill.deepspeed = own
+    fused = deepspeed_config(cfg, 1, cuda=True)["optimizer"]["params"]
+    assert fused["torch_adam"] is False and "fused" not in fused
+
+
+@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
+def test_gpu_deepspeed_configs_initialize_and_step(tmp_path, tiny_student, cache, zero):
+    """What `deepspeed_config` gives a GPU (bf16, torch's fused AdamW, fp32 accumulation over
+    2 micro-batches) is a mix DeepSpeed accepts under every shipped ZeRO file: initialised and
+    stepped here on the CPU, whose DeepSpeed runs bf16 too. (ZeRO-0 with fp32 accumulation is
+    one DeepSpeed refuses.)"""
+    import deepspeed
+    import torch
+
+    from stage2_distill.distill import deepspeed_config, init_distributed
+
+    zero_file = str(REPO / "configs" / f"{zero}.json")
+    settings = {"grad_accum": 2, "deepspeed": zero_file}
+    path = make_config(tmp_path, tiny_student, cache, tmp_path / "o", **settings)
+    cfg = load_config(path, "t")
+    ds = deepspeed_config(cfg, 1, cuda=True)
+    init_distributed()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)).to(torch.bfloat16)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    assert engine.bfloat16_enabled()
+    assert type(engine.basic_optimizer) is torch.optim.AdamW
+    assert engine.basic_optimizer.defaults["fused"]
+    before = [p.detach().float().clone() for p in engine.module.parameters()]
+    for _ in range(2):
+        loss = engine(torch.randn(2, 8, dtype=torch.bfloat16)).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    assert engine.global_steps == 1
+    if zero != "zero3":  # ZeRO-3 partitions the module's parameters away
+        after = [p.detach().float() for p in engine.module.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))

@@ -134,6 +134,7 @@ def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
     assert len(rejects) == n_rej and all(r["reason"] and r["origin"] for r in rejects)
     manifest = verify_cache(out, top_k=5)
     assert manifest["settings"]["top_k"] == 5 and manifest["settings"]["feature_dim"] == 128
+    assert manifest["head_dtype"] == "float32" and manifest["model_runner"] == "v1"
     check_against_transformers(tiny_teacher, rows)
 
     # The same command again: no teacher work, no engine, finished shards untouched.
