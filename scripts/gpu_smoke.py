@@ -51,8 +51,10 @@ import torch  # noqa: E402
 # differs. Log-probabilities and features: a bf16 teacher (fp32 lm_head) against transformers in
 # fp32 on the same tokens; the README's "bf16 tolerance" (measured on the CPU's bf16).
 LOGIT_ATOL = 5e-2
-LOGPROB_ATOL = 0.15
+LOGPROB_MAX, LOGPROB_MEAN = 0.5, 0.06
 FEATURE_MIN_COSINE = 0.995
+SMALL_CONTEXT = 384  # the preemption variant's max_model_len (its prompts are ~150 tokens)
+EXAMPLES = 12  # dialogues per variant, one shard: ~1700 tokens of requests at once
 
 
 class Report:
@@ -322,7 +324,9 @@ def stage_two(report: Report, work: Path, tokenizer_dir: Path, cpu: bool) -> Non
 # ----------------------------------------------------------------------------- stage one
 
 
-def stage_one(report: Report, work: Path, teacher: Path, cpu: bool) -> None:
+def stage_one(
+    report: Report, work: Path, teacher: Path, cpu: bool, dtype: str, head_dtype: str
+) -> None:
     try:
         import vllm
         from vllm.platforms import current_platform
@@ -348,12 +352,14 @@ def stage_one(report: Report, work: Path, teacher: Path, cpu: bool) -> None:
 
     teacher = ensure_model(teacher)
     memory = {"kv_cache_memory_bytes": 256 << 20}
-    # Room for one full context and a quarter more (keys and values, every layer): the six
-    # prompts of a shard cannot all stay, so the scheduler must preempt and recompute.
+    # Room for about two and a half short contexts, keys and values of every layer (vLLM needs
+    # one whole context; the CPU build's large blocks use up more): the shard's requests cannot
+    # all stay, so the scheduler must preempt and recompute.
     c = AutoConfig.from_pretrained(teacher)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (4 if cpu else 2)
-    small_kv = int(per_token * 1024 * 1.25)
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
+    per_token *= 4 if dtype == "float32" else 2
+    small_kv = int(per_token * SMALL_CONTEXT * 2.5)
     variants = {
         "eager": {"enforce_eager": True, **memory},
         "cuda graphs": {"enforce_eager": False, **memory},
@@ -364,6 +370,7 @@ def stage_one(report: Report, work: Path, teacher: Path, cpu: bool) -> None:
             "max_num_batched_tokens": 128,
             "enable_prefix_caching": True,
             "kv_cache_memory_bytes": small_kv,
+            "max_model_len": SMALL_CONTEXT,
         },
     }
     if cpu:  # the CPU build has no CUDA graphs
@@ -380,35 +387,53 @@ def stage_one(report: Report, work: Path, teacher: Path, cpu: bool) -> None:
                         "model": str(teacher),
                         "max_new_tokens": 24,
                         "engine": {
-                            "dtype": "float32" if cpu else "bfloat16",
+                            "dtype": dtype,
+                            "hf_overrides": {"head_dtype": head_dtype},
                             "max_model_len": 1024,
                             "seed": 0,
                             **engine,
                         },
                     },
                     "teacher_cache": {
-                        "inputs": [str(REPO / "tests" / "data" / "ed_sample.csv")],
+                        "inputs": [str(REPO / "data" / "demo" / "train.csv")],
                         "output": str(out),
-                        "limit": 6,
-                        "shard_size": 6,
+                        "limit": EXAMPLES,
+                        "shard_size": EXAMPLES,
                         "top_k": 5,
-                        "quality": {c: "off" for c in quality.CHECKS},
+                        # The gate off: this checks numbers, not words. No retries on the CPU:
+                        # its runner crashes on a seeded (retry) request whose prefill is
+                        # chunked, as this variant's is ("CPU Generator does not use offset").
+                        "quality": {
+                            **{c: "off" for c in quality.CHECKS},
+                            "retries": 0 if cpu else 3,
+                        },
                     },
                 }
             )
-            summary = teacher_cache.main(cfg)
+            teacher_cache.main(cfg)
             rows = cached_rows(out)
             worst = against_transformers(teacher, rows)
             replies[name] = {r["example_id"]: r["response_token_ids"] for r in rows}
+            if "kv_cache_memory_bytes" in engine and engine["kv_cache_memory_bytes"] == small_kv:
+                need = sum(
+                    len(r["teacher_context_token_ids"]) + len(r["response_token_ids"]) for r in rows
+                )
+                report.add(
+                    f"stage one: {name}: KV cache",
+                    "INFO",
+                    f"room for {small_kv // per_token} tokens, the reply turn's requests hold "
+                    f"{need} at the end: some were preempted or waited",
+                )
             report.check(
                 f"stage one: {name}: top-k and features vs transformers",
                 bool(rows)
-                and worst["logprob"] <= LOGPROB_ATOL
+                and worst["max"] <= LOGPROB_MAX
+                and worst["mean"] <= LOGPROB_MEAN
                 and worst["cosine"] >= FEATURE_MIN_COSINE,
-                f"{len(rows)} replies, max |log-prob diff| {worst['logprob']:.3f} (tolerance "
-                f"{LOGPROB_ATOL}), min feature cosine {worst['cosine']:.4f} (at least "
-                f"{FEATURE_MIN_COSINE}); {summary.get('seconds', '?')} s in the job, "
-                f"{time.time() - t0:.1f} s in all",
+                f"{len(rows)} replies; |log-prob diff| max {worst['max']:.3f} (at most "
+                f"{LOGPROB_MAX}), mean {worst['mean']:.4f} (at most {LOGPROB_MEAN}); feature "
+                f"cosine min {worst['cosine']:.5f} (at least {FEATURE_MIN_COSINE}); "
+                f"{time.time() - t0:.1f} s",
             )
     if "eager" in replies:
         for name, got in replies.items():
@@ -430,12 +455,12 @@ def cached_rows(out: Path) -> list[dict]:
 
 
 def against_transformers(model_dir: Path, rows: list[dict]) -> dict[str, float]:
-    """The largest |stored - transformers| log-probability at the stored top-k ids and the
+    """|stored - transformers| log-probability at every stored top-k id (its max and mean) and the
     smallest cosine between stored and recomputed features, on the same tokens."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    worst = {"logprob": 0.0, "cosine": 1.0}
+    diffs, cosines = [], [1.0]
     for r in rows:
         ctx, reply = r["teacher_context_token_ids"], r["response_token_ids"]
         if not reply:
@@ -446,16 +471,19 @@ def against_transformers(model_dir: Path, rows: list[dict]) -> dict[str, float]:
         for t in range(len(reply)):
             dist = logp[len(ctx) + t - 1]
             top = torch.tensor(r["topk_token_ids"][t])
-            diff = (dist[top] - torch.tensor(r["topk_logprobs"][t])).abs().max().item()
-            worst["logprob"] = max(worst["logprob"], diff)
+            diffs += (dist[top] - torch.tensor(r["topk_logprobs"][t])).abs().tolist()
         if r["teacher_features"]:
             states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
             mean = states[len(ctx) - 1 : len(ctx) - 1 + len(reply)].mean(0)
             cos = torch.nn.functional.cosine_similarity(
                 mean, torch.tensor(r["teacher_features"]), dim=0
             )
-            worst["cosine"] = min(worst["cosine"], cos.item())
-    return worst
+            cosines.append(cos.item())
+    return {
+        "max": max(diffs, default=0.0),
+        "mean": sum(diffs) / max(1, len(diffs)),
+        "cosine": min(cosines),
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -470,6 +498,13 @@ def main() -> int:
     parser.add_argument("--teacher", type=Path, default=REPO / "models" / "smollm2-135m-instruct")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (tests this script)")
     parser.add_argument("--skip-stage-one", action="store_true")
+    parser.add_argument("--skip-stage-two", action="store_true")
+    parser.add_argument(
+        "--dtype", default=None, help="stage one's teacher (default: bfloat16, float32 on --cpu)"
+    )
+    parser.add_argument(
+        "--head-dtype", default="float32", help="the lm_head's (\"model\": the model's dtype)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args()
 
@@ -486,12 +521,19 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = args.workdir or Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
-            with report.guard("stage two"):
-                stage_two(report, work / "stage2", args.tokenizer, args.cpu)
+            if args.skip_stage_two:
+                report.add("stage two", "SKIP", "--skip-stage-two")
+            else:
+                with report.guard("stage two"):
+                    stage_two(report, work / "stage2", args.tokenizer, args.cpu)
             if args.skip_stage_one:
                 report.add("stage one", "SKIP", "--skip-stage-one")
             else:
-                stage_one(report, work / "stage1", args.teacher, args.cpu)
+                dtype = args.dtype or ("float32" if args.cpu else "bfloat16")
+                with report.guard("stage one"):
+                    stage_one(
+                        report, work / "stage1", args.teacher, args.cpu, dtype, args.head_dtype
+                    )
     seconds = round(time.time() - t0, 1)
     verdict = "FAIL" if report.failed else "PASS"
     args.report.write_text(
