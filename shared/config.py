@@ -57,6 +57,10 @@ class TeacherConfig(Strict):
     # frequency_penalty, ...), passed as-is and recorded in the manifest. They shape which tokens
     # are generated; the cached log-probabilities stay the raw ones, before any penalty.
     sampling: dict[str, Any] = Field(default_factory=dict)
+    # The same, for the turns whose output is a reply (the answer mode's reply turn, the improve
+    # mode's answers and rewrites), over `sampling`; the analysis turn keeps its format without
+    # them. The embedded teacher's greedy replies loop without a mild repetition_penalty.
+    reply_sampling: dict[str, Any] = Field(default_factory=dict)
 
 
 # YAML reads a bare `off` as false (`--set teacher_cache.quality.leak=off`): take it as "off".

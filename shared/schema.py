@@ -92,6 +92,7 @@ SETTING_KEYS = (
     "top_p",
     "max_new_tokens",
     "sampling",  # teacher.sampling: penalties etc. passed to vLLM (the logprobs stay raw)
+    "reply_sampling",  # teacher.reply_sampling: the same for the reply turns only
     "prompt_template_sha256",
     "feature_dim",
     "media",  # frames / image size a vision-language teacher saw (None for a text teacher)

@@ -95,6 +95,8 @@ def cache_settings(
         "top_p": cfg.teacher.top_p,
         "max_new_tokens": cfg.teacher.max_new_tokens,
         "sampling": cfg.teacher.sampling,
+        # None when unset, so a cache written before the setting existed still matches
+        "reply_sampling": cfg.teacher.reply_sampling or None,
         "prompt_template_sha256": template_sha256(prompt_template(cfg)),
         "feature_dim": feature_dim,
         "media": cfg.teacher_cache.media.model_dump() if processor is not None else None,
@@ -470,14 +472,17 @@ def example_frames(cfg: PipelineConfig, ex: Example) -> list:
         raise PipelineError(f"{ex.origin}: {err} (changed during the run?); rerun") from None
 
 
-def generation_params(cfg: PipelineConfig, attempt: int = 0, example_id: str = "", **extra):
+def generation_params(
+    cfg: PipelineConfig, attempt: int = 0, example_id: str = "", reply: bool = True, **extra
+):
     """The teacher's sampling settings, in one place for every generation call (the benchmark's
     plain-vLLM baseline included, so both sides of its ratio do the same work).
 
     Attempt 0 uses `teacher.temperature`/`top_p`; a retry (attempt a > 0, only for a reply the
     quality gate sent back) samples at `quality.retry_temperature`/`retry_top_p` with a seed
     derived from the engine seed, the example id and a: the same example gets the same reply on a
-    rerun, and every retry a different one. `teacher.sampling` (penalties, ...) applies to all."""
+    rerun, and every retry a different one. `teacher.sampling` (penalties, ...) applies to all,
+    `teacher.reply_sampling` over it where the output is a reply (`reply`; not the analysis)."""
     from vllm import SamplingParams
 
     seed = cfg.teacher.engine.get("seed")
@@ -494,6 +499,7 @@ def generation_params(cfg: PipelineConfig, attempt: int = 0, example_id: str = "
         "stop": prompts.STOP,
         "seed": seed,
         **cfg.teacher.sampling,
+        **(cfg.teacher.reply_sampling if reply else {}),
     }
     return SamplingParams(**{**settings, **extra})
 
@@ -514,6 +520,7 @@ def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None,
                 cfg,
                 attempt,
                 ex.example_id,
+                reply=False,
                 stop=prompts.ANALYSIS_STOP,
                 max_tokens=prompts.ANALYSIS_MAX_TOKENS,
                 allowed_token_ids=list(range(vocab)) if extras else None,
