@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from conftest import REPO
 
 from shared import prompts
 from shared.config import QualityConfig
@@ -148,6 +149,22 @@ def test_retries_sample_with_a_seed_per_example_and_attempt():
     assert retry.seed != generation_params(cfg, 1, "ex2").seed
     cfg.teacher.sampling = {"repetition_penalty": 1.1}
     assert generation_params(cfg, 1, "ex1").repetition_penalty == 1.1
+
+
+def test_reply_sampling_is_for_the_reply_turns_only():
+    """The analysis turn keeps `teacher.sampling` alone (a penalty there breaks its format);
+    every reply turn gets `teacher.reply_sampling` over it, and the cache settings record it."""
+    from shared.config import PipelineConfig, load_config
+    from stage1_teacher.teacher_cache import generation_params
+
+    cfg = PipelineConfig()
+    cfg.teacher.sampling = {"frequency_penalty": 0.1}
+    cfg.teacher.reply_sampling = {"repetition_penalty": 1.1, "frequency_penalty": 0.2}
+    analysis, reply = generation_params(cfg, reply=False), generation_params(cfg)
+    assert analysis.repetition_penalty == 1.0 and analysis.frequency_penalty == 0.1
+    assert reply.repetition_penalty == 1.1 and reply.frequency_penalty == 0.2
+    demo = load_config(REPO / "pipelines.yaml", "demo")
+    assert demo.teacher.reply_sampling == {"repetition_penalty": 1.1}
 
 
 @pytest.mark.parametrize(
