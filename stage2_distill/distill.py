@@ -10,6 +10,10 @@ plain Hugging Face folder). Rerunning on the same output resumes from the last c
 stream position included; shards the cache gained since then are trained on next (the step
 budget grows to cover them once); `distill.fresh=true` (`--fresh`) starts over.
 `distill.method: sft-dpo` (Xie et al.'s SFT then DPO) is laid out in stage2_distill/two_step.py.
+
+main() reads as four phases: prepare (the cache contract, the process group, where to resume, the
+step budget) -> build (student, DeepSpeed engine, stream) -> train (the loop; each method's step
+function comes from METHODS) -> finish (export, plot, summary).
 """
 
 from __future__ import annotations
