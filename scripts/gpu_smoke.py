@@ -355,15 +355,15 @@ def stage_one(
     # Room for about two and a half short contexts, keys and values of every layer (vLLM needs
     # one whole context; the CPU build's large blocks use up more): the shard's requests cannot
     # all stay, so the scheduler must preempt and recompute.
-    c = AutoConfig.from_pretrained(teacher)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
+    shape = AutoConfig.from_pretrained(teacher)
+    head_dim = getattr(shape, "head_dim", None) or shape.hidden_size // shape.num_attention_heads
+    per_token = 2 * shape.num_hidden_layers * shape.num_key_value_heads * head_dim
     per_token *= 4 if dtype == "float32" else 2
     small_kv = int(per_token * SMALL_CONTEXT * 2.5)
     variants = {
         "eager": {"enforce_eager": True, **memory},
         "cuda graphs": {"enforce_eager": False, **memory},
-        # A KV cache of a few blocks beyond one full context: six prompts at once must preempt.
+        # A short context and a KV cache for ~2.5 of them: the shard's requests cannot all stay.
         "chunked prefill + prefix caching + preemption": {
             "enforce_eager": True,
             "enable_chunked_prefill": True,
@@ -376,6 +376,9 @@ def stage_one(
     if cpu:  # the CPU build has no CUDA graphs
         variants.pop("cuda graphs")
         report.add("stage one: cuda graphs", "SKIP", "CPU build")
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     replies = {}
     for name, engine in variants.items():
         with report.guard(f"stage one: {name}"):
@@ -412,9 +415,9 @@ def stage_one(
             )
             teacher_cache.main(cfg)
             rows = cached_rows(out)
-            worst = against_transformers(teacher, rows)
+            worst = against_transformers(reference, rows)
             replies[name] = {r["example_id"]: r["response_token_ids"] for r in rows}
-            if "kv_cache_memory_bytes" in engine and engine["kv_cache_memory_bytes"] == small_kv:
+            if engine.get("kv_cache_memory_bytes") == small_kv:
                 need = sum(
                     len(r["teacher_context_token_ids"]) + len(r["response_token_ids"]) for r in rows
                 )
@@ -454,12 +457,10 @@ def cached_rows(out: Path) -> list[dict]:
     return [r for e in manifest["shards"] for r in pq.read_table(out / e["file"]).to_pylist()]
 
 
-def against_transformers(model_dir: Path, rows: list[dict]) -> dict[str, float]:
+def against_transformers(model, rows: list[dict]) -> dict[str, float]:
     """|stored - transformers| log-probability at every stored top-k id (its max and mean) and the
-    smallest cosine between stored and recomputed features, on the same tokens."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    smallest cosine between stored and recomputed features, on the same tokens (`model`: the
+    teacher in transformers, fp32, loaded once for every variant)."""
     diffs, cosines = [], [1.0]
     for r in rows:
         ctx, reply = r["teacher_context_token_ids"], r["response_token_ids"]
