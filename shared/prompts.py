@@ -2,10 +2,10 @@
 
 The teacher works in two turns. The analysis turn sees the dialogue *and* the privileged notes and
 reasons step by step (emotion, feelings, situation), primed with "Emotion:" so even a small
-teacher keeps the structure (`parse_analysis`). The reply turn is the model's natural chat turn:
-the dialogue as chat messages, the teacher's own analysis in the system message
-(`reply_prompt`); the cached reply, its top-k and features come from this turn, conditioned on
-the analysis. Measured on held-out Welivita & Pu contexts with the 135M teacher, asking for the
+teacher keeps the structure; vLLM's structured outputs hold it to the format (ANALYSIS_PATTERN,
+`parse_analysis`). The reply turn is the model's natural chat turn: the dialogue as chat
+messages, the analysis's Feelings step in the system message (`reply_prompt`); the cached reply,
+its top-k and features come from this turn, conditioned on the analysis. Measured on held-out Welivita & Pu contexts with the 135M teacher, asking for the
 reply inside the analysis format (one turn) gave 3 usable replies of 30 (looping "I'm so sorry",
 replies in the format's fields); the plain chat turn gave 25 of 30.
 The student sees the dialogue only: privileged text reaches it through multi-source attention.
@@ -31,31 +31,67 @@ Answer with Emotion, Feelings and Situation."""
 
 NOTES_HEADER = "Private notes (for you only):\n"
 
-# One worked example in the chat history: a 135M teacher follows a shown format far more often
-# than a described one (measured by hand: 5 of 6 parseable answers against 1 of 4 without it).
-EXAMPLE_DIALOGUE = [{"role": "speaker", "text": "My best friend told me she's moving abroad."}]
-EXAMPLE_PRIVILEGED = {"situation": "My best friend is moving to another country next month."}
-EXAMPLE_ANSWER = (
-    "Emotion: sad\n"
-    "Feelings: They feel sad and a little abandoned, because someone close is leaving.\n"
-    "Situation: Their best friend is moving far away soon, so their daily support will change."
+# Worked examples in the chat history: a 135M teacher follows a shown format far more often than
+# a described one (by hand: 5 of 6 parseable answers against 1 of 4 without one). Three examples
+# of different emotions, rather than one, keep it from naming "sad" for everything.
+EXAMPLES = (
+    (
+        [{"role": "speaker", "text": "My best friend told me she's moving abroad."}],
+        {"situation": "My best friend is moving to another country next month."},
+        "Emotion: sad\n"
+        "Feelings: They feel sad and a little abandoned, because someone close is leaving.\n"
+        "Situation: Their best friend is moving far away soon, so their daily support will change.",
+    ),
+    (
+        [{"role": "speaker", "text": "I finally passed my driving test today after failing it twice!"}],
+        {"situation": "I failed my driving test twice before and practised every weekend."},
+        "Emotion: proud\n"
+        "Feelings: They feel proud and relieved, because their hard work finally paid off.\n"
+        "Situation: After two failed attempts and many weekends of practice, they passed their "
+        "driving test.",
+    ),
+    (
+        [
+            {
+                "role": "speaker",
+                "text": "My neighbour's dog barked all night again and I have a big presentation "
+                "tomorrow.",
+            }
+        ],
+        {"situation": "I have asked my neighbour twice to keep the dog inside at night."},
+        "Emotion: annoyed\n"
+        "Feelings: They feel annoyed and anxious, because they could not sleep before an "
+        "important day.\n"
+        "Situation: The neighbour's dog keeps them awake, asking has not helped, and their "
+        "presentation is tomorrow.",
+    ),
 )
 
 # The assistant turn starts with this text, so the teacher's first token is already in the format.
 ANSWER_PREFIX = "Emotion:"
+# The analysis turn is held to the format by vLLM's structured outputs (this pattern, for the text
+# after ANSWER_PREFIX): one lower-case emotion word, then one line each of feelings and situation.
+# Free, the 135M teacher followed it in 34.5% of 200 held-out W&P contexts, and often wrote a
+# reply or spoke as the speaker in the Emotion field ("Emotion: I'm so sorry for your loss").
+# Only the analysis is constrained: the cached reply turn is free.
+ANALYSIS_PATTERN = r" [a-z]+\nFeelings: [^\n]{10,200}\nSituation: [^\n]{10,200}"
 # Generation stops at a blank line or when the teacher starts the format over.
 STOP = ["\n\n", "\nEmotion:"]
 # The analysis turn also stops where a teacher starts replying in it: the reply is turn two's.
 ANALYSIS_STOP = [*STOP, "\nReply:"]
 ANALYSIS_MAX_TOKENS = 96  # an analysis that runs on is cut here (it only conditions the reply)
 
-REPLY_SYSTEM = (
-    "You are a warm, attentive listener. Your own notes on the speaker (do not quote them):\n"
-    "{analysis}\n\nReply to the speaker with empathy, in two or three short sentences."
-)
-REPLY_STOP = ["\n\n"]  # the reply is the first paragraph of the chat turn
-
 STUDENT_SYSTEM = "You are a warm, attentive listener. Reply to the speaker with empathy."
+
+# The reply turn is the plain chat turn (STUDENT_SYSTEM) plus the analysis's Feelings step as one
+# more sentence of the system message. Tuned on 160 W&P contexts outside the held-out 200 (one
+# engine, the same constrained analyses, BERTScore-F1 vs the human reply / Distinct-2): feelings
+# only 0.356 / 0.485, feelings + situation 0.354 / 0.473, the whole analysis as labelled notes
+# 0.341 / 0.491, the plain chat turn 0.349 / 0.496. The 135M teacher's situation line often
+# loops or invents, and a labelled analysis pulls it into an assistant's voice ("I'd be happy
+# to help you plan your trip"). Without a Feelings step the reply turn is the plain chat turn.
+REPLY_SYSTEM = STUDENT_SYSTEM + " {feelings}"
+REPLY_STOP = ["\n\n"]  # the reply is the first paragraph of the chat turn
 
 ROLE_NAMES = {"speaker": "Speaker", "listener": "Listener"}
 FIELDS = ("Emotion", "Feelings", "Situation", "Reply")
@@ -72,10 +108,9 @@ def template_text() -> dict[str, Any]:
         "system": TEACHER_SYSTEM,
         "user": TEACHER_USER,
         "notes_header": NOTES_HEADER,
-        "example_dialogue": render_dialogue(EXAMPLE_DIALOGUE),
-        "example_privileged": render_notes(EXAMPLE_PRIVILEGED),
-        "example_answer": EXAMPLE_ANSWER,
+        "examples": [[render_dialogue(d), render_notes(p), a] for d, p, a in EXAMPLES],
         "answer_prefix": ANSWER_PREFIX,
+        "analysis_pattern": ANALYSIS_PATTERN,
         "stop": ANALYSIS_STOP,
         "analysis_max_tokens": ANALYSIS_MAX_TOKENS,
         "reply_system": REPLY_SYSTEM,
@@ -117,12 +152,10 @@ def teacher_prompt(
         )
         return {"role": "user", "content": text}
 
-    messages = [
-        {"role": "system", "content": TEACHER_SYSTEM},
-        user(EXAMPLE_DIALOGUE, EXAMPLE_PRIVILEGED),
-        {"role": "assistant", "content": EXAMPLE_ANSWER},
-        user(dialogue, privileged),
-    ]
+    messages = [{"role": "system", "content": TEACHER_SYSTEM}]
+    for shown, notes, answer in EXAMPLES:
+        messages += [user(shown, notes), {"role": "assistant", "content": answer}]
+    messages.append(user(dialogue, privileged))
     if n_images:
         text = [{"type": "text", "text": messages[-1]["content"]}]
         messages[-1]["content"] = [{"type": "image"}] * n_images + text
@@ -148,11 +181,13 @@ def student_prompt(tokenizer, dialogue: list[dict]) -> str:
     return chat_prompt(tokenizer, STUDENT_SYSTEM, dialogue)
 
 
-def reply_prompt(tokenizer, dialogue: list[dict], analysis: str, n_images: int = 0) -> str:
-    """The teacher's reply turn: its own analysis (`TeacherAnalysis.reasoning`) in the system
-    message, then the dialogue as chat turns; the reply is the model's next chat turn. A
-    vision-language teacher (`tokenizer` its processor) sees the media again here."""
-    system = REPLY_SYSTEM.format(analysis=analysis)
+def reply_prompt(
+    tokenizer, dialogue: list[dict], analysis: TeacherAnalysis, n_images: int = 0
+) -> str:
+    """The teacher's reply turn: the plain chat turn with the analysis's Feelings step in the
+    system message (see REPLY_SYSTEM), then the dialogue as chat turns; the reply is the model's
+    next chat turn. A vision-language teacher (`tokenizer` its processor) sees the media again."""
+    system = REPLY_SYSTEM.format(feelings=analysis.feelings) if analysis.feelings else STUDENT_SYSTEM
     return chat_prompt(tokenizer, system, dialogue, n_images)
 
 
@@ -161,6 +196,7 @@ class TeacherAnalysis:
     emotion: str | None  # one lower-case word, or None
     reasoning: str  # "Emotion: ...\nFeelings: ...\nSituation: ..." as the teacher wrote it
     parse_ok: bool  # the emotion and a feelings or situation step are there
+    feelings: str = ""  # the Feelings step's text, what the reply turn is conditioned on
 
 
 def parse_analysis(generated: str) -> TeacherAnalysis:
@@ -174,7 +210,18 @@ def parse_analysis(generated: str) -> TeacherAnalysis:
     steps = [name for name, start, _ in marks if not replies or start < replies[0]]
     emotion = parse_teacher_output(generated).emotion
     ok = emotion is not None and bool({"Feelings", "Situation"} & set(steps))
-    return TeacherAnalysis(emotion, reasoning.strip(), ok)
+    # A step's text runs to the next field marker; a Feelings field after a reply the teacher
+    # started anyway is not part of the analysis.
+    ends = [start for _, start, _ in marks[1:]] + [len(full)]
+    feelings = next(
+        (
+            full[end:stop].strip()
+            for (name, start, end), stop in zip(marks, ends, strict=True)
+            if name == "Feelings" and (not replies or start < replies[0])
+        ),
+        "",
+    )
+    return TeacherAnalysis(emotion, reasoning.strip(), ok, feelings)
 
 
 _ROLE_LEAD = re.compile(r"^[ \t]*\**[ \t]*(reply|listener|response)[ \t]*\**[ \t]*:[ \t]*\**", re.I)

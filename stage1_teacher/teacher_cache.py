@@ -508,6 +508,8 @@ def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None,
     """The analysis turn of the answer mode: the teacher's step-by-step analysis of each example
     (its pending ids are the analysis prompt), then each example's reply-turn prompt ids, which
     hold that analysis. Returns the reply batch and the parsed analyses."""
+    from vllm.sampling_params import StructuredOutputsParams
+
     extras = media_extras(processor, vocab) if vocab is not None else []
     requests, params = [], []
     for ex, ids in batch:
@@ -523,6 +525,7 @@ def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None,
                 reply=False,
                 stop=prompts.ANALYSIS_STOP,
                 max_tokens=prompts.ANALYSIS_MAX_TOKENS,
+                structured_outputs=StructuredOutputsParams(regex=prompts.ANALYSIS_PATTERN),
                 allowed_token_ids=list(range(vocab)) if extras else None,
             )
         )
@@ -532,9 +535,7 @@ def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None,
         ids = out.outputs[0].token_ids
         analysis = prompts.parse_analysis(tokenizer.decode(ids, skip_special_tokens=True))
         n_images = len(request.get("multi_modal_data", {}).get("image", []))
-        text = prompts.reply_prompt(
-            processor or tokenizer, ex.dialogue, analysis.reasoning, n_images
-        )
+        text = prompts.reply_prompt(processor or tokenizer, ex.dialogue, analysis, n_images)
         analyses.append(analysis)
         replies.append((ex, tokenizer(text, add_special_tokens=False)["input_ids"]))
     return replies, analyses

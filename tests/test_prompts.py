@@ -62,11 +62,24 @@ def test_teacher_prompt_shows_privileged_notes_and_dialogue(tiny_tokenizer):
     assert text.endswith("<|im_start|>assistant\n" + prompts.ANSWER_PREFIX)
     assert "- Situation: A maths exam." in text and "- Future: x" in text
     assert "Speaker: I failed my exam.\nListener: Oh no, what happened?\nSpeaker: I froze." in text
-    assert prompts.EXAMPLE_ANSWER in text  # the worked example comes first
+    assert all(answer in text for _, _, answer in prompts.EXAMPLES)  # worked examples first
+    assert text.index(prompts.EXAMPLES[-1][2]) < text.index("I froze.")
     student = prompts.student_prompt(tiny_tokenizer, dialogue)
     assert "A maths exam." not in student and "Emotion" not in student
     assert student.endswith("<|im_start|>assistant\n")
     assert student.count("<|im_start|>user") == 2
+
+
+def test_the_reply_turn_is_the_plain_chat_turn_plus_the_feelings_step(tiny_tokenizer):
+    dialogue = [{"role": "speaker", "text": "I failed my exam."}]
+    analysis = prompts.parse_analysis(
+        " sad\nFeelings: They feel let down by themselves.\nSituation: A maths exam went badly."
+    )
+    text = prompts.reply_prompt(tiny_tokenizer, dialogue, analysis)
+    assert prompts.STUDENT_SYSTEM + " They feel let down by themselves." in text
+    assert "maths" not in text and "Emotion" not in text  # only the feelings step conditions it
+    bare = prompts.reply_prompt(tiny_tokenizer, dialogue, prompts.parse_analysis(" sad"))
+    assert bare == prompts.student_prompt(tiny_tokenizer, dialogue)  # no step: the plain turn
 
 
 def test_template_hash_is_stable_and_sensitive(monkeypatch):

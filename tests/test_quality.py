@@ -201,3 +201,21 @@ def test_parse_analysis_needs_the_emotion_and_a_step():
     assert not only.parse_ok and only.emotion == "sad"
     sentence = prompts.parse_analysis(" I'm not sure I'm ready to talk about it.")
     assert not sentence.parse_ok and sentence.emotion is None
+    assert full.feelings == "low." and only.feelings == "" and sentence.feelings == ""
+    late = prompts.parse_analysis(" sad\nReply: Oh no.\nFeelings: low.")
+    assert late.feelings == ""  # a Feelings field inside a started reply is not the analysis
+
+
+def test_the_analysis_pattern_admits_each_worked_example_and_nothing_loose():
+    import re
+
+    for _, _, answer in prompts.EXAMPLES:
+        assert answer.startswith(prompts.ANSWER_PREFIX)
+        assert re.fullmatch(prompts.ANALYSIS_PATTERN, answer[len(prompts.ANSWER_PREFIX) :])
+    for loose in (
+        " I'm so sorry for your loss.",  # a reply in the emotion field
+        " sad\nFeelings: low and tired today.",  # no situation step
+        " sad\nFeelings: low and tired today.\n\nSituation: a long move away.",  # blank line
+    ):
+        assert not re.fullmatch(prompts.ANALYSIS_PATTERN, loose)
+
