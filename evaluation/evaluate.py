@@ -92,6 +92,10 @@ def fit_examples(cfg, tokenizers: dict, examples: list[Example], rejects: list[R
 
 
 def engine_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    from stage1_teacher.teacher_cache import check_engine_settings
+
+    check_engine_settings(cfg.teacher.engine)
+    check_engine_settings(cfg.evaluate.engine, "evaluate.engine")
     return {**cfg.teacher.engine, **cfg.evaluate.engine}
 
 

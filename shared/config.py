@@ -8,6 +8,7 @@ resolved against the folder of the YAML file, so a config works from any working
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -284,7 +285,9 @@ class PipelineConfig(Strict):
         """Make every relative path absolute against `base` (the YAML file's folder)."""
 
         def fix(p: Path) -> Path:
-            return p if p.is_absolute() else (base / p).resolve()
+            # normpath, not resolve: a symlinked input (the Hugging Face cache's, DVC's layout)
+            # keeps the name the user gave it, which says its format, split and media folder.
+            return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
         data = self.model_copy(deep=True)
         data.teacher.model = fix(data.teacher.model)
@@ -327,7 +330,20 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise PipelineError(f"--set {assignment!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise PipelineError(
+            f"--set {assignment!r}: the value is not valid YAML ({_yaml_problem(e)}); quote a "
+            f"string value, e.g. --set '{key.strip()}=\"text\"'"
+        ) from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as one line, with the line and column it points at."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def _merge(base: dict[str, Any], over: Any) -> Any:
@@ -356,7 +372,9 @@ def load_config(
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise PipelineError(f"config file {path} not found; pass --config PATH") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except yaml.YAMLError as e:
+        raise PipelineError(f"cannot read config {path}: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise PipelineError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
     pipelines = doc.get("pipelines") if isinstance(doc, dict) else None
     if not isinstance(pipelines, dict):
@@ -366,7 +384,13 @@ def load_config(
         raise PipelineError(f"{path}: no pipeline named {pipeline!r} (available: {names})")
     # Start from the defaults, so a pipeline (or --set) that names one engine setting keeps the
     # others; each key given replaces the default one.
-    raw = _merge(PipelineConfig().model_dump(mode="json"), pipelines[pipeline] or {})
+    body = pipelines[pipeline] or {}
+    if not isinstance(body, dict):
+        raise PipelineError(
+            f"{path}: pipeline {pipeline!r} is a {type(body).__name__}; it must be a mapping of "
+            "sections (teacher:, teacher_cache:, distill:, ...)"
+        )
+    raw = _merge(PipelineConfig().model_dump(mode="json"), body)
     raw["name"] = pipeline
     for assignment in overrides:
         apply_override(raw, assignment)

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,11 @@ def detect_format(path: Path) -> str:
         return "jsonl"
     if suffix != ".csv":
         raise PipelineError(f"{path}: unknown input format {suffix!r}; use .csv or .jsonl")
-    with path.open("rb") as f:
-        first = f.readline(1 << 20)
+    try:
+        with path.open("rb") as f:
+            first = f.readline(1 << 20)
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot be read ({_why(err)}); check the file") from None
     header = _parse_header(path, next(_csv_rows(_decode(path, first)), None))
     fmt = _header_format(header)
     if fmt is None:
@@ -131,7 +135,7 @@ def read_examples(
         raise PipelineError(f"{path}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if split is not None and split not in SPLITS:
         raise PipelineError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    text = _decode(path, path.read_bytes())
+    text = _decode(path, _read_bytes(path))
     if fmt == "jsonl":
         return _read_jsonl(path, text, future, split)
     rows = _csv_rows(text)
@@ -147,10 +151,29 @@ def read_examples(
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise PipelineError(f"{path}: file not found; check the path")
-    if not path.is_file():
+    try:
+        mode = path.stat().st_mode  # through a symlink: the file it names is what is read
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found; check the path") from None
+    except (OSError, RuntimeError) as err:  # a symlink loop, no permission
+        raise PipelineError(f"{path}: cannot be opened ({_why(err)}); check the path") from None
+    if stat.S_ISDIR(mode):
         raise PipelineError(f"{path}: is a directory, not a file; give one data file")
+    if not stat.S_ISREG(mode):
+        raise PipelineError(
+            f"{path}: is not a regular file (a pipe, socket or device); give one data file"
+        )
+
+
+def _why(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or str(err)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot be read ({_why(err)}); check the file") from None
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -259,7 +282,7 @@ def _read_ed(path, header, rows, future, split) -> _Result:
     rejects: list[Reject] = []
     conv: _Conversation | None = None
     for line_no, raw, fields in rows:
-        origin = f"{path.name}:row {line_no}"
+        origin = f"{path}:row {line_no}"
         conv_id = _ed_field(fields, col["conv_id"])
         if conv is None or (conv_id and conv_id != conv.conv_id):
             if conv is not None:
@@ -324,7 +347,7 @@ def _ed_examples(path: Path, conv: _Conversation, future: bool, split: str) -> l
             lines = [f"{roles[j].capitalize()}: {conv.turns[j][1]}" for j in later]
             privileged["future"] = "\n".join(lines)
         first, last = conv.turns[0][0], conv.turns[i + 1 if has_reference else i][0]
-        origin = f"{path.name}:rows {first}-{last}" if last > first else f"{path.name}:row {first}"
+        origin = f"{path}:rows {first}-{last}" if last > first else f"{path}:row {first}"
         content = ("empathetic_dialogues", dialogue, privileged, [], conv.emotion, reference)
         examples.append(_example(origin, split, content))
     return examples
@@ -338,7 +361,7 @@ def _read_wp(path, header, rows, split) -> _Result:
     examples: list[Example] = []
     rejects: list[Reject] = []
     for line_no, raw, fields in rows:
-        origin = f"{path.name}:row {line_no}"
+        origin = f"{path}:row {line_no}"
         try:
             examples.append(_wp_example(raw, fields, len(header), col, origin, split))
         except _Bad as bad:
@@ -394,14 +417,11 @@ def _read_jsonl(path, text, future, split) -> _Result:
     for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        origin = f"{path.name}:line {line_no}"
+        origin = f"{path}:line {line_no}"
         try:
             if not _is_clean(line):
                 raise _Bad(UNDECODABLE)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _Bad(f"invalid JSON: {err.msg} at column {err.colno}") from None
+            record = _json_record(line)
             if not isinstance(record, dict):
                 raise _Bad("not a JSON object")
             if record.get("id") is not None:
@@ -410,6 +430,25 @@ def _read_jsonl(path, text, future, split) -> _Result:
         except _Bad as bad:
             rejects.append(Reject(origin, str(bad), _clip(line)))
     return examples, rejects
+
+
+def _json_record(line: str):
+    """One parsed JSONL line, or _Bad for a line the parser or the encoder cannot take: each
+    is one reject, never a crash that loses the file's good records."""
+    try:
+        record = json.loads(line)
+        # The record's text goes into hashes and Parquet as UTF-8: a lone surrogate escape
+        # ("\udc80") parses, then fails there.
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as err:
+        raise _Bad(f"invalid JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise _Bad("invalid JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise _Bad("a string holds a lone surrogate escape (e.g. \\udc80): not Unicode text") from None
+    except ValueError as err:  # e.g. an integer of more than 4,300 digits
+        raise _Bad(f"invalid JSON: {err}") from None
+    return record
 
 
 def _jsonl_example(record, base, source, origin, future, split) -> Example:
@@ -449,7 +488,9 @@ def _jsonl_dialogue(dialogue) -> list[dict]:
         if turn.get("role") not in ("speaker", "listener"):
             raise _Bad(f"turn {n}: role {turn.get('role')!r} is not speaker/listener")
         text = turn.get("text")
-        if not isinstance(text, str) or not text.strip():
+        if text is not None and not isinstance(text, str):
+            raise _Bad(f"turn {n}: text is a {type(text).__name__}, not a string")
+        if not text or not text.strip():
             raise _Bad(f"turn {n}: empty text")
         turns.append({"role": turn["role"], "text": text.strip()})
     if turns[-1]["role"] != "speaker":

@@ -271,6 +271,27 @@ def head_dtype(cfg: PipelineConfig) -> str:
     return cfg.teacher.engine.get("hf_overrides", {}).get("head_dtype", "float32")
 
 
+def check_engine_settings(engine: dict[str, Any], section: str = "teacher.engine") -> None:
+    """Refuse a setting vLLM's engine does not take before starting it (a typo would be a
+    TypeError from deep inside EngineArgs, after the model load), naming the close match."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    known |= set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"}
+    for key in engine:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(
+                f"{section}.{key}: not a setting of vLLM's engine (vllm.EngineArgs){hint}"
+            )
+
+
 def start_engine(
     cfg: PipelineConfig, extra_logprobs: int = 0, max_images: int = 0, max_len: int | None = None
 ):
@@ -288,6 +309,7 @@ def start_engine(
             f"{vllm.__version__}: install vllm=={TESTED_VLLM}.0 (bash scripts/setup.sh gpu), or "
             "set teacher_cache.features=false"
         )
+    check_engine_settings(cfg.teacher.engine)
     engine = dict(cfg.teacher.engine)
     if engine.get("data_parallel_size", 1) > 1:
         raise PipelineError(

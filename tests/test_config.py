@@ -51,6 +51,9 @@ def test_every_problem_is_reported_at_once(tmp_path):
         (lambda p: p.write_text("pipelines:\n  other: {}\n"), "no pipeline named 'demo'"),
         (lambda p: p.write_text("just text"), "top-level 'pipelines:'"),
         (lambda p: p.write_text("pipelines: [unclosed"), "cannot read config"),
+        (lambda p: p.write_text("pipelines:\n  demo:\n    a: [1\n    b: 2\n"), r"line \d+, col"),
+        (lambda p: p.write_text("pipelines:\n  demo: [1, 2]\n"), "'demo' is a list"),
+        (lambda p: p.write_text("pipelines:\n  demo: some text\n"), "'demo' is a str"),
     ],
 )
 def test_config_file_errors_are_one_readable_line(tmp_path, setup, match):
@@ -66,6 +69,20 @@ def test_bad_set_syntax(tmp_path):
         load_config(REPO / "pipelines.yaml", "demo", ["teacher_cache.top_k"])
     with pytest.raises(PipelineError, match="not a section"):
         load_config(REPO / "pipelines.yaml", "demo", ["name.x=1"])
+    for value in ("teacher_cache.inputs=[unclosed", "teacher.top_p=@x"):
+        with pytest.raises(PipelineError, match="not valid YAML") as err:
+            load_config(REPO / "pipelines.yaml", "demo", [value])
+        assert "\n" not in str(err.value)
+
+
+def test_an_engine_setting_vllm_does_not_take_is_refused_with_the_close_match():
+    from stage1_teacher.teacher_cache import check_engine_settings
+
+    for name in yaml.safe_load((REPO / "pipelines.yaml").read_text())["pipelines"]:
+        cfg = load_config(REPO / "pipelines.yaml", name)
+        check_engine_settings({**cfg.teacher.engine, **cfg.evaluate.engine})
+    with pytest.raises(PipelineError, match="did you mean 'max_model_len'"):
+        check_engine_settings({"max_modle_len": 512})
 
 
 def test_default_paths_are_relative_in_the_model():

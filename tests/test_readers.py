@@ -10,6 +10,11 @@ from shared.errors import PipelineError
 from shared.readers import FORMATS, Example, detect_format, make_example_id, read_examples
 
 DATA = Path(__file__).parent / "data"
+
+
+def here(origin: str) -> str:
+    """An origin without its folders: origins hold the input's path as it was given."""
+    return Path(origin).name
 ED = DATA / "ed_sample.csv"
 WP = DATA / "wp_sample.csv"
 JSONL = DATA / "jsonl" / "sample.jsonl"
@@ -114,9 +119,9 @@ def test_ed_examples_per_speaker_turn_with_reference_and_future():
     # the last speaker turn has no reply, hence no reference and no future
     assert last.reference is None
     assert last.privileged == {"situation": situation}
-    assert first.origin == "ed_sample.csv:rows 2-3"
-    assert second.origin == "ed_sample.csv:rows 2-5"
-    assert last.origin == "ed_sample.csv:rows 2-6"
+    assert here(first.origin) == "ed_sample.csv:rows 2-3"
+    assert here(second.origin) == "ed_sample.csv:rows 2-5"
+    assert here(last.origin) == "ed_sample.csv:rows 2-6"
     for ex in examples:
         assert ex.dialogue[-1]["role"] == "speaker"
         assert ex.media == [] and ex.candidates == []
@@ -134,7 +139,7 @@ def test_ed_short_conversation_and_emotion_normalised():
 
 def test_ed_malformed_rows_and_accounting():
     examples, rejects = read_examples(ED)
-    reasons = {r.origin: r.reason for r in rejects}
+    reasons = {here(r.origin): r.reason for r in rejects}
     assert reasons == {
         "ed_sample.csv:row 11": "empty utterance",
         "ed_sample.csv:row 13": "follows a malformed turn in conversation hit:12_conv:24",
@@ -156,7 +161,7 @@ def test_ed_malformed_rows_and_accounting():
     assert "future" not in lonely[0].privileged
     japan = [ex for ex in examples if ex.emotion == "excited"]
     assert japan[0].reference is None
-    assert japan[0].origin == "ed_sample.csv:row 15"
+    assert here(japan[0].origin) == "ed_sample.csv:row 15"
 
 
 def test_ed_future_off():
@@ -183,7 +188,7 @@ def test_ed_undecodable_row_and_bom(tmp_path):
         "undecodable bytes (not UTF-8)",
         "follows a malformed turn in conversation hit:1_conv:2",
     ]
-    assert rejects[0].origin == "test.csv:row 3"
+    assert here(rejects[0].origin) == "test.csv:row 3"
     assert "\ufffd" in rejects[0].record  # printable, bad bytes replaced
     rejects[0].record.encode("utf-8")
     assert [ex.dialogue[0]["text"] for ex in examples] == [
@@ -229,7 +234,7 @@ def test_wp_rows_candidates_and_split_rule():
     examples, rejects = read_examples(WP)
     assert len(examples) + len(rejects) == 4  # data rows
     assert [r.reason for r in rejects] == ["empty speaker_uttr"]
-    assert rejects[0].origin == "wp_sample.csv:row 6"
+    assert here(rejects[0].origin) == "wp_sample.csv:row 6"
     fence, credit, storm = examples
     assert fence.source == "wp_empathy"
     assert fence.dialogue == [
@@ -250,8 +255,8 @@ def test_wp_rows_candidates_and_split_rule():
     ]
     assert [c["rating"] for c in fence.candidates] == [3.0, 3.0, 2.0, 3.0, 2.0]
     assert fence.candidates[0]["text"] == fence.reference
-    assert fence.origin == "wp_sample.csv:row 2"
-    assert credit.origin == "wp_sample.csv:row 4"  # row 1 spans two lines
+    assert here(fence.origin) == "wp_sample.csv:row 2"
+    assert here(credit.origin) == "wp_sample.csv:row 4"  # row 1 spans two lines
     # hold-out rule: fewer than two of the five replies rated 3 -> test
     assert (fence.split, credit.split, storm.split) == ("train", "test", "train")
     # empty and non-numeric ratings are None; two 3s is still train
@@ -275,16 +280,16 @@ def test_jsonl_good_lines():
     assert passed.privileged["future"] == "Listener: Third time lucky!"
     media_file = (DATA / "jsonl" / "media" / "smile.png").resolve()
     assert passed.media == [{"type": "image", "path": str(media_file), "start": None, "end": None}]
-    assert passed.origin == "sample.jsonl:line 1 (id u1)"
+    assert here(passed.origin) == "sample.jsonl:line 1 (id u1)"
     assert passed.example_id != "u1" and passed.example_id == recomputed_id(passed)
     assert cat.split == "train"
     assert cat.privileged == {} and cat.media == [] and cat.emotion is None
-    assert cat.origin == "sample.jsonl:line 2"
+    assert here(cat.origin) == "sample.jsonl:line 2"
 
 
 def test_jsonl_rejects_and_accounting():
     examples, rejects = read_examples(JSONL)
-    reasons = {r.origin: r.reason for r in rejects}
+    reasons = {here(r.origin): r.reason for r in rejects}
     expected = {
         4: "invalid JSON",
         5: "not a JSON object",
@@ -358,7 +363,9 @@ def test_id_changes_with_content_not_with_split(tmp_path):
     )
     changed, _ = read_examples(changed_file)
     differ = [
-        a.origin for a, b in zip(original, changed, strict=True) if a.example_id != b.example_id
+        here(a.origin)
+        for a, b in zip(original, changed, strict=True)
+        if a.example_id != b.example_id
     ]
     assert differ == ["ed_sample.csv:rows 7-8"]  # only the example whose text changed
     relabelled, _ = read_examples(ED, split="test")
@@ -371,3 +378,50 @@ def test_make_example_id_is_canonical():
     b = make_example_id("s", dialogue, {"a": "2", "b": "1"}, [], "sad", None)
     assert a == b
     assert a != make_example_id("s", dialogue, {"a": "2", "b": "1"}, [], "happy", None)
+
+
+def test_records_the_parser_or_encoder_cannot_take_are_rejects_not_crashes(tmp_path):
+    good = json.dumps({"dialogue": [{"role": "speaker", "text": "I got the job!"}]})
+    bad = {
+        '{"dialogue": [{"role": "speaker", "text": "bad \\udc80 escape"}]}': "lone surrogate",
+        "[" * 100_000 + "]" * 100_000: "nested too deeply",
+        '{"n": ' + "9" * 5000 + "}": "invalid JSON",
+        '{"dialogue": [{"role": "speaker", "text": 42}]}': "text is a int, not a string",
+    }
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([good, *bad, good.replace("job", "flat")]) + "\n")
+    examples, rejects = read_examples(path)
+    assert [e.dialogue[0]["text"] for e in examples] == ["I got the job!", "I got the flat!"]
+    assert len(rejects) == len(bad)
+    for reject, reason in zip(rejects, bad.values(), strict=True):
+        assert reason in reject.reason, reject.reason
+        assert reject.origin.startswith(str(path))  # the full path: same-named files stay apart
+
+
+def test_unreadable_inputs_are_one_readable_refusal(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(PipelineError, match="not a regular file"):
+        read_examples(fifo)
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    with pytest.raises(PipelineError, match="cannot be opened"):
+        read_examples(loop)
+
+
+def test_a_symlinked_input_is_named_by_its_link(tmp_path):
+    from shared.config import load_config
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snap"
+    blobs.mkdir(), snap.mkdir()
+    record = {"dialogue": [{"role": "speaker", "text": "I passed."}], "split": "test"}
+    (blobs / "9f2c41d0e7a3").write_text(json.dumps(record) + "\n")
+    (snap / "test.jsonl").symlink_to(blobs / "9f2c41d0e7a3")
+    config = tmp_path / "p.yaml"
+    config.write_text("pipelines:\n  t:\n    teacher_cache:\n      inputs: [snap/test.jsonl]\n")
+    (path,) = load_config(config, "t", []).teacher_cache.inputs
+    assert path == snap / "test.jsonl"
+    (example,), _ = read_examples(path)  # read through the link, as JSONL by the link's name
+    assert here(example.origin) == "test.jsonl:line 1"
