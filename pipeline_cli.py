@@ -7,6 +7,7 @@ A PipelineError (bad input, bad config, mismatched cache) prints as one line and
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,12 @@ def _config(
     config: Path, pipeline: str, overrides: list[str] | None, extra: list[str]
 ) -> PipelineConfig:
     return load_config(config, pipeline, [*(overrides or []), *extra])
+
+
+def _abs(path: Path) -> str:
+    # Absolute, without following links: a symlinked input keeps the name that says its format
+    # and split (and a link loop is reported by the reader, not raised here).
+    return os.path.abspath(path)
 
 
 def _fail(err: Exception) -> None:
@@ -77,9 +84,9 @@ def teacher_cache(
     log-probabilities and features. Rerunnable: finished examples are skipped."""
     extra = []
     if input_:
-        extra.append("teacher_cache.inputs=" + json.dumps([str(p.resolve()) for p in input_]))
+        extra.append("teacher_cache.inputs=" + json.dumps([_abs(p) for p in input_]))
     if output:
-        extra.append(f"teacher_cache.output={json.dumps(str(output.resolve()))}")
+        extra.append(f"teacher_cache.output={json.dumps(_abs(output))}")
     if limit is not None:
         extra.append(f"teacher_cache.limit={limit}")
     if format_:
@@ -136,9 +143,9 @@ def distill(
     Several ranks: torchrun --nproc_per_node N -m stage2_distill.distill --pipeline NAME."""
     extra = []
     if shards:
-        extra.append(f"distill.shards={json.dumps(str(shards.resolve()))}")
+        extra.append(f"distill.shards={json.dumps(_abs(shards))}")
     if output:
-        extra.append(f"distill.output={json.dumps(str(output.resolve()))}")
+        extra.append(f"distill.output={json.dumps(_abs(output))}")
     if method:
         extra.append(f"distill.method={method}")
     if max_steps is not None:
@@ -165,7 +172,7 @@ def _model_spec(spec: str) -> str:
         raise PipelineError(f"--model: {e}") from None
     if target in MODEL_KEYWORDS:
         return target
-    return f"{name}={Path(target).resolve()}"
+    return f"{name}={_abs(Path(target))}"
 
 
 @app.command("evaluate")
@@ -197,9 +204,9 @@ def evaluate(
     extra = []
     try:
         if input_:
-            extra.append("evaluate.inputs=" + json.dumps([str(p.resolve()) for p in input_]))
+            extra.append("evaluate.inputs=" + json.dumps([_abs(p) for p in input_]))
         if output:
-            extra.append(f"evaluate.output={json.dumps(str(output.resolve()))}")
+            extra.append(f"evaluate.output={json.dumps(_abs(output))}")
         if model:
             extra.append("evaluate.models=" + json.dumps([_model_spec(m) for m in model]))
         if baseline:

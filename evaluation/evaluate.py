@@ -27,7 +27,13 @@ from typing import Any
 
 from evaluation import judge, metrics, report
 from shared import prompts
-from shared.config import MODEL_KEYWORDS, PipelineConfig, split_model_spec, write_resolved
+from shared.config import (
+    MODEL_KEYWORDS,
+    PipelineConfig,
+    open_output,
+    split_model_spec,
+    write_resolved,
+)
 from shared.errors import PipelineError
 from shared.models import ensure_model, load_tokenizer
 from shared.readers import Example, Reject, read_examples
@@ -233,8 +239,7 @@ def score(examples: list[Example], run: dict[str, Any], encoder, ref_vectors) ->
 def main(cfg: PipelineConfig) -> dict[str, Any]:
     t_start = time.time()
     ev = cfg.evaluate
-    out = ev.output
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_output(ev.output, "evaluate.output")
     write_resolved(cfg, out)
 
     # Everything that can fail without an engine fails here, before the first engine starts.

@@ -401,6 +401,27 @@ def load_config(
     return cfg.resolve_paths(path.resolve().parent)
 
 
+def open_output(folder: Path, setting: str) -> Path:
+    """Create an output folder and its parents, or refuse in one line a path that is a file, lies
+    under one, or cannot be made. Every command opens its output this way."""
+    for part in [folder, *folder.parents]:
+        if part.is_symlink() and not part.exists():
+            raise PipelineError(f"{setting}={folder}: {part} is a broken link; choose another")
+        if part.exists():
+            if not part.is_dir():
+                raise PipelineError(
+                    f"{setting}={folder}: {part} is a file, not a folder; choose another output"
+                )
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(
+            f"{setting}={folder}: cannot create it ({err.strerror or err}); choose another output"
+        ) from None
+    return folder
+
+
 def write_resolved(cfg: PipelineConfig, folder: Path) -> Path:
     """Write the fully resolved config beside an output, so every output says how it was made."""
     folder.mkdir(parents=True, exist_ok=True)

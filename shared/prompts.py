@@ -5,9 +5,10 @@ reasons step by step (emotion, feelings, situation), primed with "Emotion:" so e
 teacher keeps the structure; vLLM's structured outputs hold it to the format (ANALYSIS_PATTERN,
 `parse_analysis`). The reply turn is the model's natural chat turn: the dialogue as chat
 messages, the analysis's Feelings step in the system message (`reply_prompt`); the cached reply,
-its top-k and features come from this turn, conditioned on the analysis. Measured on held-out Welivita & Pu contexts with the 135M teacher, asking for the
-reply inside the analysis format (one turn) gave 3 usable replies of 30 (looping "I'm so sorry",
-replies in the format's fields); the plain chat turn gave 25 of 30.
+its top-k and features come from this turn, conditioned on the analysis. Measured on held-out
+Welivita & Pu contexts with the 135M teacher, asking for the reply inside the analysis format
+(one turn) gave 3 usable replies of 30 (looping "I'm so sorry", replies in the format's fields);
+the plain chat turn gave 25 of 30.
 The student sees the dialogue only: privileged text reaches it through multi-source attention.
 """
 
@@ -43,7 +44,12 @@ EXAMPLES = (
         "Situation: Their best friend is moving far away soon, so their daily support will change.",
     ),
     (
-        [{"role": "speaker", "text": "I finally passed my driving test today after failing it twice!"}],
+        [
+            {
+                "role": "speaker",
+                "text": "I finally passed my driving test today after failing it twice!",
+            }
+        ],
         {"situation": "I failed my driving test twice before and practised every weekend."},
         "Emotion: proud\n"
         "Feelings: They feel proud and relieved, because their hard work finally paid off.\n"
@@ -187,7 +193,9 @@ def reply_prompt(
     """The teacher's reply turn: the plain chat turn with the analysis's Feelings step in the
     system message (see REPLY_SYSTEM), then the dialogue as chat turns; the reply is the model's
     next chat turn. A vision-language teacher (`tokenizer` its processor) sees the media again."""
-    system = REPLY_SYSTEM.format(feelings=analysis.feelings) if analysis.feelings else STUDENT_SYSTEM
+    system = (
+        REPLY_SYSTEM.format(feelings=analysis.feelings) if analysis.feelings else STUDENT_SYSTEM
+    )
     return chat_prompt(tokenizer, system, dialogue, n_images)
 
 

@@ -445,7 +445,9 @@ def _json_record(line: str):
     except RecursionError:
         raise _Bad("invalid JSON: nested too deeply") from None
     except UnicodeEncodeError:
-        raise _Bad("a string holds a lone surrogate escape (e.g. \\udc80): not Unicode text") from None
+        raise _Bad(
+            "a string holds a lone surrogate escape (e.g. \\udc80): not Unicode text"
+        ) from None
     except ValueError as err:  # e.g. an integer of more than 4,300 digits
         raise _Bad(f"invalid JSON: {err}") from None
     return record

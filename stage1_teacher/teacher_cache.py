@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shared import prompts
-from shared.config import PipelineConfig, write_resolved
+from shared.config import PipelineConfig, open_output, write_resolved
 from shared.errors import PipelineError
 from shared.media import MediaError, load_media
 from shared.models import (
@@ -834,9 +834,7 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int
 def main(cfg: PipelineConfig) -> dict[str, Any]:
     t_start = time.time()
     tc = cfg.teacher_cache
-    out = tc.output
-    out.mkdir(parents=True, exist_ok=True)
-    write_resolved(cfg, out)
+    out = open_output(tc.output, "teacher_cache.output")
 
     examples, rejects = read_inputs(cfg)
     n_read = len(examples) + len(rejects)
@@ -861,6 +859,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             )
     else:
         manifest = {"settings": settings, "shards": []}
+    # Only now: a refused run must not leave its settings as the description of the cache.
+    write_resolved(cfg, out)
     manifest.update(describe_run(cfg))
     done = finished_ids(out, manifest, settings)
     # Examples the gate set aside in an earlier run stay set aside (their seeded attempts would

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shared.config import LossWeights, PipelineConfig, load_config, write_resolved
+from shared.config import LossWeights, PipelineConfig, load_config, open_output, write_resolved
 from shared.errors import PipelineError
 from shared.models import ensure_model, load_tokenizer, tokenizer_fingerprint
 from shared.schema import atomic_write_text, verify_cache
@@ -317,6 +317,7 @@ def prepare(cfg: PipelineConfig) -> Plan:
     d = cfg.distill
     method = METHODS[d.method]
     two = d.method == "sft-dpo"
+    open_output(d.output, "distill.output")  # on every rank, before any heavy work
     student_dir = ensure_model(cfg.student.model)
     tokenizer = load_tokenizer(student_dir)
     manifest = verify_cache(

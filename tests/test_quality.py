@@ -218,4 +218,3 @@ def test_the_analysis_pattern_admits_each_worked_example_and_nothing_loose():
         " sad\nFeelings: low and tired today.\n\nSituation: a long move away.",  # blank line
     ):
         assert not re.fullmatch(prompts.ANALYSIS_PATTERN, loose)
-

@@ -15,6 +15,8 @@ DATA = Path(__file__).parent / "data"
 def here(origin: str) -> str:
     """An origin without its folders: origins hold the input's path as it was given."""
     return Path(origin).name
+
+
 ED = DATA / "ed_sample.csv"
 WP = DATA / "wp_sample.csv"
 JSONL = DATA / "jsonl" / "sample.jsonl"
