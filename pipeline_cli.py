@@ -73,7 +73,8 @@ def teacher_cache(
     ] = None,
     output: Annotated[Path | None, typer.Option(help="Cache folder (shards + manifest).")] = None,
     limit: Annotated[
-        int | None, typer.Option(help="At most this many new examples this run.")
+        int | None,
+        typer.Option(help="Only the first N examples of the inputs (cached ones count)."),
     ] = None,
     format_: Annotated[
         str | None,

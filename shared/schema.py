@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SHARD_GLOB = "shard-*.parquet"
+SHARD_NAME = re.compile(r"shard-\d{5}\.parquet")  # what a manifest may list
 
 _turn = pa.struct([("role", pa.string()), ("text", pa.string())])
 _media = pa.struct(
@@ -150,11 +152,47 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
         raise PipelineError(
             f"{path} is unreadable ({e}); delete the folder to start over"
         ) from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise PipelineError(
+            f"{path} is not a teacher-cache manifest ({problem}); point at a cache folder, or "
+            "delete the folder to rebuild it"
+        )
+    return manifest
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is structurally wrong with a parsed manifest, for every reader (teacher-cache on
+    rerun, inspect, distill), or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("settings"), dict):
+        return "no settings object"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "no shards list"
+    seen = set()
+    for n, entry in enumerate(shards, 1):
+        if not isinstance(entry, dict):
+            return f"shard entry {n} is not an object"
+        name = entry.get("file")
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            return f"shard entry {n}: file {name!r} is not a shard name"
+        if name in seen:
+            return f"{name} is listed twice"
+        seen.add(name)
+        for key in ("rows", "reply_tokens", "bytes"):
+            value = entry.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                return f"{name}: {key} {value!r} is not a count"
+        if not isinstance(entry.get("sha256"), str):
+            return f"{name}: no sha256"
+    return None
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -197,7 +235,9 @@ def verify_cache(
         )
     if vocab_size is not None and s.get("vocab_size") != vocab_size:
         raise PipelineError(
-            f"{folder}: cache vocabulary {s.get('vocab_size')} != student vocabulary {vocab_size}"
+            f"{folder}: cache vocabulary {s.get('vocab_size')} != student vocabulary "
+            f"{vocab_size}; use a student with the teacher's tokenizer, or rebuild the cache "
+            "with a teacher that shares the student's"
         )
     if top_k is not None and s.get("top_k") != top_k:
         raise PipelineError(
@@ -213,7 +253,10 @@ def verify_cache(
         except (OSError, pa.ArrowException) as e:
             raise PipelineError(f"{path}: unreadable shard ({e}); delete it and rerun") from None
         if rows != entry["rows"]:
-            raise PipelineError(f"{path}: {rows} rows but the manifest says {entry['rows']}")
+            raise PipelineError(
+                f"{path}: {rows} rows but the manifest says {entry['rows']} (replaced or damaged); "
+                "delete it and rerun teacher-cache to redo its examples"
+            )
         if check_checksums and file_sha256(path) != entry["sha256"]:
             raise PipelineError(
                 f"{path}: checksum differs from the manifest (changed or corrupt); "

@@ -7,13 +7,13 @@ Only the small columns are scanned (never the top-k lists), so it stays quick on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
 
 from shared.errors import PipelineError
-from shared.schema import REJECTS, read_manifest
+from shared.schema import read_manifest, verify_cache
+from stage1_teacher.teacher_cache import read_rejects
 
 
 def _table(df: pl.DataFrame, title: str) -> str:
@@ -30,9 +30,22 @@ def _table(df: pl.DataFrame, title: str) -> str:
 
 def main(folder: Path) -> str:
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is None:
+    if read_manifest(folder) is None:
         raise PipelineError(f"{folder} has no manifest.json: not a teacher cache")
+    # distill's own check (schema, every listed shard present, readable, its row count and
+    # checksum): a cache reported here as fine is one distill will take.
+    manifest = verify_cache(folder)
+    rejects = read_rejects(folder)
+    try:
+        return report(folder, manifest, rejects)
+    except pl.exceptions.PolarsError as e:
+        raise PipelineError(
+            f"{folder}: the shards do not read as one table ({str(e).splitlines()[0]}); "
+            "rebuild the cache"
+        ) from None
+
+
+def report(folder: Path, manifest: dict, rejects: list[dict]) -> str:
     files = [str(folder / e["file"]) for e in manifest["shards"]]
     s = manifest["settings"]
     out = [
@@ -96,12 +109,10 @@ def main(folder: Path) -> str:
         )
         if overall is not None:
             out.append(f"\n  teacher emotion agreement overall: {overall:.3f}")
-    rejects_path = folder / REJECTS
-    reasons = pl.DataFrame({"reason": []}, schema={"reason": pl.String})
-    if rejects_path.exists() and rejects_path.stat().st_size:
-        rows = [json.loads(x) for x in rejects_path.read_text(encoding="utf-8").splitlines() if x]
-        # Reasons like "dialogue too long: 2100 prompt tokens ..." group by their first clause.
-        reasons = pl.DataFrame({"reason": [r["reason"].split(":")[0] for r in rows]})
+    # Reasons like "dialogue too long: 2100 prompt tokens ..." group by their first clause.
+    reasons = pl.DataFrame(
+        {"reason": [r["reason"].split(":")[0] for r in rejects]}, schema={"reason": pl.String}
+    )
     out.append(
         _table(
             reasons.group_by("reason").len("rejects").sort("rejects", descending=True),

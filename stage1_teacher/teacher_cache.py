@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -144,28 +146,51 @@ def template_sha256(template: dict[str, Any]) -> str:
 
 
 def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> set[str]:
-    """example_ids already in finished shards; shards renamed but not yet in the manifest (a kill
-    between the two steps) are adopted after checking they were made with the same settings."""
+    """example_ids already in finished shards. Also repairs what a kill or a hand leaves behind:
+    deletes `*.tmp` files (half-written by a killed run), drops a listed shard that is gone (its
+    examples are redone), and adopts a shard renamed but not yet listed (a kill between the two
+    steps) after checking its settings and that none of its examples is already cached. A shard
+    that cannot be read stops the run, naming it."""
     import pyarrow.parquet as pq
 
-    from shared.schema import file_sha256
+    from shared.schema import SHARD_NAME, file_sha256
 
     for tmp in out.glob("*.tmp"):
-        tmp.unlink()  # half-written by a killed run
-    listed = {e["file"] for e in manifest["shards"]} if manifest else set()
+        tmp.unlink()
+    owner: dict[str, str] = {}  # example_id -> the shard that holds it
+    kept = []
+    for entry in manifest["shards"] if manifest else []:
+        path = out / entry["file"]
+        if not path.exists():
+            print(f"note: {path} is listed but gone; its {entry['rows']} examples will be redone")
+            continue
+        owner.update(dict.fromkeys(shard_ids(path), entry["file"]))
+        kept.append(entry)
+    if manifest:
+        manifest["shards"] = kept
+    listed = {e["file"] for e in kept}
     for path in sorted(out.glob(SHARD_GLOB)):
         if path.name in listed:
             continue
+        if not SHARD_NAME.fullmatch(path.name):
+            raise PipelineError(f"{path}: not a shard name; move the file out of the cache folder")
+        ids = shard_ids(path)
         meta = pq.ParquetFile(path).schema_arrow.metadata or {}
         shard_settings = json.loads(meta.get(b"pipeline_settings", b"{}"))
         if settings_mismatch(shard_settings, settings):
             raise PipelineError(
                 f"{path} was made with other settings; delete it or use a new --output"
             )
+        cached = [i for i in ids if i in owner]
+        if cached:
+            raise PipelineError(
+                f"{path} is not in the manifest and {len(cached)} of its {len(ids)} examples "
+                f"are already in {owner[cached[0]]} (a copy?); delete {path.name}"
+            )
         manifest["shards"].append(
             {
                 "file": path.name,
-                "rows": pq.ParquetFile(path).metadata.num_rows,
+                "rows": len(ids),
                 "reply_tokens": sum(
                     map(len, pq.read_table(path, columns=["response_token_ids"])[0].to_pylist())
                 ),
@@ -173,10 +198,22 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
                 "sha256": file_sha256(path),
             }
         )
-    ids: set[str] = set()
-    for entry in manifest["shards"] if manifest else []:
-        ids.update(pq.read_table(out / entry["file"], columns=["example_id"])[0].to_pylist())
-    return ids
+        owner.update(dict.fromkeys(ids, path.name))
+    return set(owner)
+
+
+def shard_ids(path: Path) -> list[str]:
+    """A shard's example ids, or one line naming the damaged shard and what to do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=["example_id"])[0].to_pylist()
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        raise PipelineError(
+            f"{path}: damaged or not a shard ({str(e).splitlines()[0]}); delete it and rerun: "
+            "its examples will be redone"
+        ) from None
 
 
 def plan_work(
@@ -199,6 +236,12 @@ def plan_work(
     # the analysis prompt's worked example: this bound covers both turns.
     budget = cfg.teacher.max_new_tokens * turns + prompts.ANALYSIS_MAX_TOKENS
     pending: list[tuple[Example, list[int]]] = []
+    # `limit` is the first N distinct examples of the inputs, done or not: a killed and resumed
+    # `--limit 40` run ends with the same 40 as an uninterrupted one.
+    limit = cfg.teacher_cache.limit
+    first = list(dict.fromkeys(ex.example_id for ex in examples))
+    within = set(first[:limit]) if limit else set(first)
+    deferred = sum(i not in done for i in first[limit:]) if limit else 0
     seen, duplicates, already = set(done), 0, 0
     for ex in examples:
         if ex.example_id in seen:
@@ -206,6 +249,8 @@ def plan_work(
             duplicates += ex.example_id not in done
             continue
         seen.add(ex.example_id)
+        if ex.example_id not in within:
+            continue
         text = prompts.teacher_prompt(tokenizer, ex.dialogue, ex.privileged)
         if improve and imp.base == "reference":
             if not ex.reference:
@@ -236,10 +281,8 @@ def plan_work(
             rejects.append(Reject(ex.origin, reason, json.dumps(ex.dialogue)[:500]))
             continue
         pending.append((ex, ids))
-    limit = cfg.teacher_cache.limit
-    deferred = max(len(pending) - limit, 0) if limit else 0
     counts = {"duplicates_in_inputs": duplicates, "already_cached": already, "deferred": deferred}
-    return pending[: len(pending) - deferred], counts
+    return pending, counts
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -831,10 +874,62 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int
 # ----------------------------------------------------------------------------- main
 
 
+LOCK = "teacher-cache.lock"
+
+
+@contextmanager
+def writer_lock(out: Path):
+    """One `teacher-cache` per output folder at a time: two writers would delete each other's
+    temporary shards and lose manifest updates. The lock file names its holder (pid, host); one
+    left by a process that is gone from this host is taken over."""
+    path = out / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                holder = {}
+            holder = holder if isinstance(holder, dict) else {}
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                path.unlink(missing_ok=True)  # stale: its run was killed
+                continue
+            raise PipelineError(
+                f"{out} is in use by teacher-cache pid {holder.get('pid')} on "
+                f"{holder.get('host')}; wait for that run, or delete {path} if it is gone"
+            ) from None
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def main(cfg: PipelineConfig) -> dict[str, Any]:
+    out = open_output(cfg.teacher_cache.output, "teacher_cache.output")
+    with writer_lock(out):
+        return build_cache(cfg, out)
+
+
+def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     t_start = time.time()
     tc = cfg.teacher_cache
-    out = open_output(tc.output, "teacher_cache.output")
 
     examples, rejects = read_inputs(cfg)
     n_read = len(examples) + len(rejects)
@@ -964,28 +1059,47 @@ def accepted_replies(out: Path, manifest: dict[str, Any]) -> Counter:
     return counts
 
 
-def gate_rejects(out: Path, ids: set[str]) -> list[Reject]:
-    """The earlier runs' quality-gate rejects of these example ids."""
+def read_rejects(out: Path) -> list[dict]:
+    """The folder's rejects.jsonl, checked line by line (read before any teacher work, so a
+    damaged file stops the run before the engine starts, not after)."""
     path = out / REJECTS
     if not path.exists():
         return []
+    records, required = [], ("origin", "reason")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: unreadable ({e}); delete it to count anew") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except (ValueError, RecursionError):
+            r = None
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in required):
+            raise PipelineError(
+                f"{path}: line {n} is not a reject record; fix or delete that line and rerun"
+            )
+        records.append(r)
+    return records
+
+
+def gate_rejects(out: Path, ids: set[str]) -> list[Reject]:
+    """The earlier runs' quality-gate rejects of these example ids."""
     found = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line) if line.strip() else {}
+    for r in read_rejects(out):
         if r.get("example_id") in ids:
-            found[r["example_id"]] = Reject(**r)
+            found[r["example_id"]] = Reject(
+                r["origin"], r["reason"], str(r.get("record", "")), r["example_id"]
+            )
     return list(found.values())
 
 
 def write_rejects(out: Path, rejects: list[Reject]) -> None:
     """Rejects of every run into this folder, once each (a rerun reads the same bad records)."""
     path = out / REJECTS
-    kept: dict[tuple[str, str], dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                kept[(r["origin"], r["reason"])] = r
+    kept = {(r["origin"], r["reason"]): r for r in read_rejects(out)}
     for r in rejects:
         kept.setdefault((r.origin, r.reason), asdict(r))
     atomic_write_text(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+
+from shared import schema
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,3 +60,55 @@ def tiny_teacher(tmp_path_factory, embedded_teacher) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# --- a small hand-made cache (no engine): two shards of two rows, for the shard contract and a
+# rerun's repairs
+
+
+def row(i: int, k: int = 3, n: int = 2) -> dict:
+    return {
+        "example_id": f"id{i}",
+        "source": "demo",
+        "split": "train",
+        "dialogue": [{"role": "speaker", "text": f"hello {i}"}],
+        "privileged": [("situation", "s")],
+        "media": [],
+        "emotion": "sad",
+        "reference": "ref",
+        "candidates": [],
+        "teacher_reasoning": "Emotion: sad",
+        "teacher_emotion": "sad",
+        "teacher_response": "there there",
+        "teacher_parse_ok": True,
+        "teacher_finish_reason": "stop",
+        "teacher_context_token_ids": [1, 2, 3],
+        "response_token_ids": list(range(10, 10 + n)),
+        "topk_token_ids": [[10 + t, 5, 6][:k] for t in range(n)],
+        "topk_logprobs": [[-0.1, -2.0, -3.0][:k] for _ in range(n)],
+        "target_logprob": [-0.1] * n,
+        "teacher_features": [0.5, 0.25],
+    }
+
+
+def settings(**over):
+    base = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "tokenizer_fingerprint": "tok",
+        "vocab_size": 100,
+        "top_k": 3,
+    }
+    return {**base, **over}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    footer = {"pipeline_settings": json.dumps(settings())}  # as teacher-cache stamps it
+    entries = [
+        schema.write_shard(
+            [row(i), row(i + 10)], tmp_path / f"shard-{i:05d}.parquet", 1, metadata=footer
+        )
+        for i in range(2)
+    ]
+    schema.write_manifest(tmp_path, {"settings": settings(), "shards": entries})
+    return tmp_path

@@ -35,6 +35,25 @@ def _loop(tmp):
     return str(tmp / "loop.csv")
 
 
+def _cache(tmp, manifest):
+    """A cache folder whose manifest.json holds `manifest` (JSON text)."""
+    (tmp / "cache").mkdir()
+    (tmp / "cache" / "manifest.json").write_text(manifest)
+    return str(tmp / "cache")
+
+
+ENTRY = '{"file": "shard-00000.parquet", "rows": 1, "reply_tokens": 1, "bytes": 1, "sha256": "x"}'
+BAD_MANIFESTS = {
+    "foreign manifest": ('{"tool": "other"}', "no settings object"),
+    "manifest is a list": ("[1, 2]", "a JSON list"),
+    "shard entry without sha256": (
+        '{"settings": {}, "shards": [' + ENTRY.replace(', "sha256": "x"', "") + "]}",
+        "no sha256",
+    ),
+    "shard listed twice": ('{"settings": {}, "shards": [' + ENTRY + ", " + ENTRY + "]}", "twice"),
+}
+
+
 # (case, argv built in tmp_path, words the one error line must hold)
 CASES = [
     (
@@ -102,6 +121,22 @@ CASES = [
         ["cannot be opened"],
     ),
 ]
+
+
+for name, (text, why) in BAD_MANIFESTS.items():
+    CASES += [
+        (f"inspect: {name}", lambda t, m=text: ["inspect", _cache(t, m)], [why]),
+        (
+            f"distill: {name}",
+            lambda t, m=text: ["distill", "--shards", _cache(t, m), "--output", str(t / "s")],
+            [why],
+        ),
+        (
+            f"teacher-cache: {name}",
+            lambda t, m=text: ["teacher-cache", "--input", ED, "--output", _cache(t, m)],
+            [why],
+        ),
+    ]
 
 
 @pytest.mark.parametrize("argv, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

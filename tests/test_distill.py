@@ -193,7 +193,11 @@ def _edit_manifest(folder: Path, fn) -> None:
         (lambda m, f: m["settings"].update(vocab_size=50), "vocabulary"),
         (lambda m, f: m["shards"][1].update(sha256="0" * 64), "checksum"),
         (lambda m, f: m["shards"][0].update(rows=13), "rows but the manifest says"),
-        (lambda m, f: m["shards"].append({"file": "shard-00009.parquet"}), "missing"),
+        (
+            lambda m, f: m["shards"].append({**m["shards"][0], "file": "shard-00009.parquet"}),
+            "missing",
+        ),
+        (lambda m, f: m["shards"].append(dict(m["shards"][0])), "listed twice"),
     ],
 )
 def test_manifest_refusals(tmp_path, tiny_student, cache, breakage, message):

@@ -4,6 +4,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import row
 
 from shared.errors import PipelineError
 from shared.schema import (
@@ -15,50 +16,6 @@ from shared.schema import (
     write_manifest,
     write_shard,
 )
-
-
-def row(i: int, k: int = 3, n: int = 2) -> dict:
-    return {
-        "example_id": f"id{i}",
-        "source": "demo",
-        "split": "train",
-        "dialogue": [{"role": "speaker", "text": f"hello {i}"}],
-        "privileged": [("situation", "s")],
-        "media": [],
-        "emotion": "sad",
-        "reference": "ref",
-        "candidates": [],
-        "teacher_reasoning": "Emotion: sad",
-        "teacher_emotion": "sad",
-        "teacher_response": "there there",
-        "teacher_parse_ok": True,
-        "teacher_finish_reason": "stop",
-        "teacher_context_token_ids": [1, 2, 3],
-        "response_token_ids": list(range(10, 10 + n)),
-        "topk_token_ids": [[10 + t, 5, 6][:k] for t in range(n)],
-        "topk_logprobs": [[-0.1, -2.0, -3.0][:k] for _ in range(n)],
-        "target_logprob": [-0.1] * n,
-        "teacher_features": [0.5, 0.25],
-    }
-
-
-def settings(**over):
-    base = {
-        "schema_version": SCHEMA_VERSION,
-        "tokenizer_fingerprint": "tok",
-        "vocab_size": 100,
-        "top_k": 3,
-    }
-    return {**base, **over}
-
-
-@pytest.fixture
-def cache(tmp_path):
-    entries = [
-        write_shard([row(i), row(i + 10)], tmp_path / f"shard-{i:05d}.parquet", 1) for i in range(2)
-    ]
-    write_manifest(tmp_path, {"settings": settings(), "shards": entries})
-    return tmp_path
 
 
 def test_shard_round_trip_and_row_groups(cache):
