@@ -65,6 +65,9 @@ def load_image(path: Path, image_size: int | None = None):
     return _fit(rgb, image_size)
 
 
+SPAN_SLACK = 0.05  # seconds
+
+
 def load_video(
     path: Path,
     frames: int,
@@ -95,6 +98,12 @@ def load_video(
                 raise MediaError(f"time span [{start}, {end}] is empty or negative")
             if t0 >= duration:
                 raise MediaError(f"start {t0:g} s is past the end of {path.name} ({duration:g} s)")
+            # A span outside the clip is a reject (as the README says), not silently shortened;
+            # SPAN_SLACK allows for the rounding of a duration written by hand.
+            if end is not None and float(end) > duration + SPAN_SLACK:
+                raise MediaError(
+                    f"end {float(end):g} s is past the end of {path.name} ({duration:g} s)"
+                )
             targets = [t0 + (i + 0.5) * (t1 - t0) / frames for i in range(frames)]
             if t0 > 0:
                 container.seek(int(t0 / stream.time_base), stream=stream, backward=True)

@@ -85,7 +85,9 @@ def test_video_time_span(tmp_path):
     # [1.0, 2.0] s in two slices: centres 1.25 and 1.75 s -> frames 13 and 18
     assert [frame_index(f) for f in load_video(clip, 2, start=1.0, end=2.0)] == [13, 18]
     assert [frame_index(f) for f in load_video(clip, 2, start=0.5, end=1.0)] == [7, 9]
-    assert len(load_video(clip, 3, start=1.5, end=60)) == 3  # an end past the clip is clipped
+    assert len(load_video(clip, 3, start=1.5, end=2.02)) == 3  # rounding: within SPAN_SLACK
+    with pytest.raises(MediaError, match="end 60 s is past the end of clip.mp4"):
+        load_video(clip, 3, start=1.5, end=60)  # a span outside the clip is a reject
     with pytest.raises(MediaError, match="past the end"):
         load_video(clip, 2, start=5.0)
     with pytest.raises(MediaError, match="empty or negative"):
