@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from shared.config import LossWeights, PipelineConfig, load_config, open_output, write_resolved
 from shared.errors import PipelineError
 from shared.models import ensure_model, load_tokenizer, tokenizer_fingerprint
-from shared.schema import atomic_write_text, verify_cache
+from shared.schema import atomic_write_text, file_sha256, verify_cache
 from stage2_distill import losses, two_step
 from stage2_distill.batch import collate, encode_row, usable
 from stage2_distill.stream import ShardStream, check_shards
@@ -113,9 +114,12 @@ def read_resume(ckpt_dir: Path, rank: int, world_size: int, method: str) -> dict
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if not re.fullmatch(r"step\d{7}", tag):  # `latest` names a folder of this run, no other
+        raise PipelineError(f"{latest} names {tag[:40]!r}, not a checkpoint; use --fresh")
     path = ckpt_dir / tag / f"run_state_rank{rank}.json"
     if not path.is_file():
         raise PipelineError(f"{path} is missing: checkpoint {tag} is incomplete; use --fresh")
+    verify_checkpoint(ckpt_dir / tag)  # before anything in it is read
     state = json.loads(path.read_text(encoding="utf-8"))
     if state["world_size"] != world_size or state["method"] != method:
         raise PipelineError(
@@ -191,17 +195,46 @@ def log_step(record: dict, metrics, writer, bar) -> None:
 def save_checkpoint(
     engine, ckpt_dir: Path, step: int, run_state: dict, rank: int, keep: int
 ) -> None:
-    """Each rank's stream position first, then DeepSpeed's files; DeepSpeed writes `latest`
-    last, so a checkpoint it names is complete. Older checkpoints beyond `keep` are deleted."""
+    """Each rank's stream position first, then DeepSpeed's files, then (rank 0) the checksum of
+    every file, and `latest` last: a checkpoint `latest` names is complete and summed, and a
+    resume loads nothing that differs from what was written (`verify_checkpoint`). Older
+    checkpoints beyond `keep` are deleted."""
     tag = f"step{step:07d}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     atomic_write_text(ckpt_dir / tag / f"run_state_rank{rank}.json", json.dumps(run_state))
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()
     if rank == 0:
+        files = sorted(p for p in (ckpt_dir / tag).rglob("*") if p.is_file())
+        sums = {str(p.relative_to(ckpt_dir / tag)): file_sha256(p) for p in files}
+        atomic_write_text(ckpt_dir / tag / CHECKSUMS, json.dumps(sums, indent=1))
+        atomic_write_text(ckpt_dir / "latest", tag)
         for old in sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+CHECKSUMS = "checksums.json"
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Refuse a checkpoint whose files differ from the checksums written with it, or that holds a
+    file written after it. DeepSpeed's loader unpickles (`torch.load(weights_only=False)`), so a
+    planted or damaged file must never reach it; see the README's trust note."""
+    fresh = "; use --fresh (or delete it) to start over"
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise PipelineError(f"checkpoint {folder} has no readable {CHECKSUMS}{fresh}") from None
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {CHECKSUMS}
+    extra = sorted(files - set(sums))
+    if extra:
+        raise PipelineError(f"checkpoint {folder} holds {extra[0]}, written after it{fresh}")
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise PipelineError(f"checkpoint {folder} is damaged: {name} differs or is gone{fresh}")
 
 
 def plot_losses(metrics_path: Path, target: Path) -> None:
@@ -415,7 +448,7 @@ def build(cfg: PipelineConfig, plan: Plan) -> Run:
         lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(d, plan.total_steps),
     )
     ckpt_dir, resume = d.output / "checkpoints", plan.resume
-    if resume:
+    if resume:  # verified in read_resume
         loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
         if loaded is None:
             raise PipelineError(f"cannot load checkpoint {ckpt_dir / resume['tag']}; use --fresh")

@@ -395,3 +395,29 @@ def test_gpu_deepspeed_configs_initialize_and_step(tmp_path, tiny_student, cache
     if zero != "zero3":  # ZeRO-3 partitions the module's parameters away
         after = [p.detach().float() for p in engine.module.parameters()]
         assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_a_resume_loads_only_the_checkpoint_it_wrote(tmp_path, tiny_student, cache):
+    """The checksums written with a checkpoint are checked before DeepSpeed unpickles anything:
+    a damaged file, a file added later, or a `latest` naming another folder is one line."""
+    out = tmp_path / "out"
+    run(tmp_path, tiny_student, cache, out)
+    ckpt = out / "checkpoints"
+    tag = (ckpt / "latest").read_text()
+    sums = json.loads((ckpt / tag / "checksums.json").read_text())
+    assert "run_state_rank0.json" in sums and any(name.endswith(".pt") for name in sums)
+    more = dict(max_steps=3)  # a longer budget, so the rerun resumes rather than stops
+    planted = ckpt / tag / "extra.pt"
+    planted.write_bytes(b"pickle")
+    with pytest.raises(PipelineError, match="holds extra.pt, written after it"):
+        run(tmp_path, tiny_student, cache, out, **more)
+    planted.unlink()
+    state = next(ckpt.glob(f"{tag}/*model_states.pt"))
+    state.write_bytes(state.read_bytes()[:-10])
+    with pytest.raises(PipelineError, match="is damaged: .*model_states.pt differs"):
+        run(tmp_path, tiny_student, cache, out, **more)
+    (ckpt / "latest").write_text("../../elsewhere")
+    with pytest.raises(PipelineError, match="not a checkpoint"):
+        run(tmp_path, tiny_student, cache, out, **more)
+    summary = run(tmp_path, tiny_student, cache, out, fresh=True, **more)
+    assert summary["steps"] == "0 -> 3 (of 3)"
