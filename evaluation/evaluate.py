@@ -240,7 +240,6 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     t_start = time.time()
     ev = cfg.evaluate
     out = open_output(ev.output, "evaluate.output")
-    write_resolved(cfg, out)
 
     # Everything that can fail without an engine fails here, before the first engine starts.
     examples, rejects, other_split = read_inputs(cfg)
@@ -259,6 +258,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     if not examples:
         raise PipelineError(f"no usable dialogues in {', '.join(map(str, ev.inputs))}")
     check_pairs, check_note = judge.rated_pairs(ev.judge_check_data, ev.judge_check_pairs, ev.seed)
+    write_resolved(cfg, out)  # the run is accepted: only now does its config describe the output
     max_len = engine_settings(cfg).get("max_model_len", 2048)
 
     # The model whose folder is the judge's goes last, and its engine stays up for judging.

@@ -425,8 +425,17 @@ def open_output(folder: Path, setting: str) -> Path:
 
 
 def write_resolved(cfg: PipelineConfig, folder: Path) -> Path:
-    """Write the fully resolved config beside an output, so every output says how it was made."""
+    """Write the fully resolved config beside an output, so every output says how it was made:
+    `resolved_config.yaml` is the last accepted run's, and `config_history/` keeps one file per
+    accepted run (a rerun on new data, with another --limit, ...). Call it once a run is accepted:
+    a refused run must not describe the output."""
+    import datetime
+
     folder.mkdir(parents=True, exist_ok=True)
+    text = cfg.to_yaml()
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    (folder / "config_history").mkdir(exist_ok=True)
+    (folder / "config_history" / f"{stamp}.yaml").write_text(text, encoding="utf-8")
     target = folder / "resolved_config.yaml"
-    target.write_text(cfg.to_yaml(), encoding="utf-8")
+    target.write_text(text, encoding="utf-8")
     return target

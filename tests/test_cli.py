@@ -55,8 +55,12 @@ def test_output_made_with_other_settings_is_refused(tmp_path, embedded_teacher):
     out.mkdir()
     settings = {"schema_version": 1, "top_k": 5, "teacher_weights_sha256": "x"}
     (out / "manifest.json").write_text(json.dumps({"settings": settings, "shards": []}))
+    (out / "resolved_config.yaml").write_text("the run that made this cache\n")
     result = run("teacher-cache", "--input", str(DATA / "ed_sample.csv"), "--output", str(out))
     assert_one_line_error(result, "other settings", "top_k 5 != 20", "new --output")
+    # a refused run leaves the cache's description as it was
+    assert (out / "resolved_config.yaml").read_text() == "the run that made this cache\n"
+    assert not (out / "config_history").exists()
 
 
 def test_inspect_refuses_a_folder_that_is_not_a_cache(tmp_path):
