@@ -35,7 +35,7 @@ from shared.config import (
     write_resolved,
 )
 from shared.errors import PipelineError
-from shared.models import ensure_model, load_tokenizer
+from shared.models import check_engine_settings, ensure_model, load_tokenizer
 from shared.readers import Example, Reject, read_examples
 from shared.schema import atomic_write_text
 
@@ -98,8 +98,6 @@ def fit_examples(cfg, tokenizers: dict, examples: list[Example], rejects: list[R
 
 
 def engine_settings(cfg: PipelineConfig) -> dict[str, Any]:
-    from stage1_teacher.teacher_cache import check_engine_settings
-
     check_engine_settings(cfg.teacher.engine)
     check_engine_settings(cfg.evaluate.engine, "evaluate.engine")
     return {**cfg.teacher.engine, **cfg.evaluate.engine}

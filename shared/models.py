@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from shared.errors import PipelineError
 
@@ -337,3 +338,24 @@ def text_tokenizer_fingerprint(tokenizer, media_ids: set[int] = frozenset()) -> 
     fingerprint of a text student's tokenizer when the VLM only appended media placeholders."""
     vocab = sorted(text_vocab(tokenizer, media_ids).items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_engine_settings(engine: dict[str, Any], section: str = "teacher.engine") -> None:
+    """Refuse a setting vLLM's engine does not take before starting it (a typo would be a
+    TypeError from deep inside EngineArgs, after the model load), naming the close match."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    known |= set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"}
+    for key in engine:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(
+                f"{section}.{key}: not a setting of vLLM's engine (vllm.EngineArgs){hint}"
+            )

@@ -271,3 +271,29 @@ def topk_arrays(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(row["topk_token_ids"], dtype=np.int64).reshape(-1, k)
     lps = np.asarray(row["topk_logprobs"], dtype=np.float32).reshape(-1, k)
     return ids, lps
+
+
+def read_rejects(out: Path) -> list[dict]:
+    """The folder's rejects.jsonl, checked line by line (read before any teacher work, so a
+    damaged file stops the run before the engine starts, not after)."""
+    path = Path(out) / REJECTS
+    if not path.exists():
+        return []
+    records, required = [], ("origin", "reason")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: unreadable ({e}); delete it to count anew") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except (ValueError, RecursionError):
+            r = None
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in required):
+            raise PipelineError(
+                f"{path}: line {n} is not a reject record; fix or delete that line and rerun"
+            )
+        records.append(r)
+    return records

@@ -12,8 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from shared.errors import PipelineError
-from shared.schema import read_manifest, verify_cache
-from stage1_teacher.teacher_cache import read_rejects
+from shared.schema import read_manifest, read_rejects, verify_cache
 
 
 def _table(df: pl.DataFrame, title: str) -> str:

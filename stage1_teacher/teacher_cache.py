@@ -40,6 +40,7 @@ from shared.config import PipelineConfig, open_output, write_resolved
 from shared.errors import PipelineError
 from shared.media import MediaError, load_media
 from shared.models import (
+    check_engine_settings,
     ensure_model,
     is_multimodal,
     load_processor,
@@ -56,6 +57,7 @@ from shared.schema import (
     SHARD_GLOB,
     atomic_write_text,
     read_manifest,
+    read_rejects,
     settings_mismatch,
     write_manifest,
     write_shard,
@@ -312,27 +314,6 @@ def head_dtype(cfg: PipelineConfig) -> str:
     ~0.03 nats at a logit of 8). vLLM 0.32 accumulates the bf16 matmul straight into fp32 on CUDA,
     with no fp32 copy of the weights; a float32 teacher is unaffected."""
     return cfg.teacher.engine.get("hf_overrides", {}).get("head_dtype", "float32")
-
-
-def check_engine_settings(engine: dict[str, Any], section: str = "teacher.engine") -> None:
-    """Refuse a setting vLLM's engine does not take before starting it (a typo would be a
-    TypeError from deep inside EngineArgs, after the model load), naming the close match."""
-    import dataclasses
-    import difflib
-    import inspect
-
-    from vllm import LLM
-    from vllm.engine.arg_utils import EngineArgs
-
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    known |= set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"}
-    for key in engine:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise PipelineError(
-                f"{section}.{key}: not a setting of vLLM's engine (vllm.EngineArgs){hint}"
-            )
 
 
 def start_engine(
@@ -1057,32 +1038,6 @@ def accepted_replies(out: Path, manifest: dict[str, Any]) -> Counter:
         replies = pq.read_table(out / entry["file"], columns=["teacher_response"])[0]
         counts.update(quality.normalise(r) for r in replies.to_pylist())
     return counts
-
-
-def read_rejects(out: Path) -> list[dict]:
-    """The folder's rejects.jsonl, checked line by line (read before any teacher work, so a
-    damaged file stops the run before the engine starts, not after)."""
-    path = out / REJECTS
-    if not path.exists():
-        return []
-    records, required = [], ("origin", "reason")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: unreadable ({e}); delete it to count anew") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except (ValueError, RecursionError):
-            r = None
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in required):
-            raise PipelineError(
-                f"{path}: line {n} is not a reject record; fix or delete that line and rerun"
-            )
-        records.append(r)
-    return records
 
 
 def gate_rejects(out: Path, ids: set[str]) -> list[Reject]:

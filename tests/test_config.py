@@ -76,7 +76,7 @@ def test_bad_set_syntax(tmp_path):
 
 
 def test_an_engine_setting_vllm_does_not_take_is_refused_with_the_close_match():
-    from stage1_teacher.teacher_cache import check_engine_settings
+    from shared.models import check_engine_settings
 
     for name in yaml.safe_load((REPO / "pipelines.yaml").read_text())["pipelines"]:
         cfg = load_config(REPO / "pipelines.yaml", name)
