@@ -132,9 +132,8 @@ class TeacherCacheConfig(Strict):
     split: Literal["train", "validation", "test"] | None = None  # None: from the file
     future: bool = True  # give the teacher what the dialogue goes on to say (privileged)
     output: Path = Path("runs/demo/teacher_cache")
-    limit: int | None = Field(
-        None, ge=1
-    )  # the first N distinct examples of the inputs, done or not
+    # the first N distinct examples of the inputs, done or not (a resumed run equals a whole one)
+    limit: int | None = Field(None, ge=1)
     top_k: int = Field(20, ge=1, le=1000)
     shard_size: int = Field(64, ge=1)  # examples per shard: the unit of work and of resume
     row_group_size: int = Field(16, ge=1)  # rows per Parquet row group: the reader's read unit

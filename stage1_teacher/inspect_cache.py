@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from shared.errors import PipelineError
-from shared.schema import read_manifest, read_rejects, verify_cache
+from shared.schema import read_rejects, verify_cache
 
 
 def _table(df: pl.DataFrame, title: str) -> str:
@@ -29,8 +29,6 @@ def _table(df: pl.DataFrame, title: str) -> str:
 
 def main(folder: Path) -> str:
     folder = Path(folder)
-    if read_manifest(folder) is None:
-        raise PipelineError(f"{folder} has no manifest.json: not a teacher cache")
     # distill's own check (schema, every listed shard present, readable, its row count and
     # checksum): a cache reported here as fine is one distill will take.
     manifest = verify_cache(folder)

@@ -226,7 +226,9 @@ def verify_checkpoint(folder: Path) -> None:
     try:
         sums = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise PipelineError(f"checkpoint {folder} has no readable {CHECKSUMS}{fresh}") from None
+        sums = None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise PipelineError(f"checkpoint {folder} has no readable {CHECKSUMS}{fresh}")
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {CHECKSUMS}
     extra = sorted(files - set(sums))
     if extra:
