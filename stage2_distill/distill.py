@@ -220,8 +220,8 @@ CHECKSUMS = "checksums.json"
 
 def verify_checkpoint(folder: Path) -> None:
     """Refuse a checkpoint whose files differ from the checksums written with it, or that holds a
-    file written after it. DeepSpeed's loader unpickles (`torch.load(weights_only=False)`), so a
-    planted or damaged file must never reach it; see the README's trust note."""
+    file written after it, before DeepSpeed reads anything (`safe_checkpoint_engine` then keeps
+    what it reads to tensors and plain data); see the README's trust note."""
     fresh = "; use --fresh (or delete it) to start over"
     try:
         sums = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
@@ -237,6 +237,55 @@ def verify_checkpoint(folder: Path) -> None:
         path = folder / name
         if not path.is_file() or file_sha256(path) != digest:
             raise PipelineError(f"checkpoint {folder} is damaged: {name} differs or is gone{fresh}")
+
+
+def checkpoint_globals() -> list:
+    """The classes DeepSpeed 0.19.8 pickles into a checkpoint besides tensors and plain
+    containers, found with `torch.serialization.get_unsafe_globals_in_checkpoint` on each ZeRO
+    stage's files: the ZeRO optimizer states hold the loss scaler (the dynamic one under fp16),
+    the ZeRO stage enum and fragment addresses. Nothing else is rebuilt on a resume."""
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [
+        loss_scaler.LossScaler,
+        loss_scaler.DynamicLossScaler,
+        ZeroStageEnum,
+        fragment_address,
+    ]
+
+
+def safe_checkpoint_engine(engine) -> None:
+    """Make `engine.load_checkpoint` unpickle with `torch.load(weights_only=True)`: DeepSpeed's
+    own TorchCheckpointEngine hard-codes `weights_only=False`, which runs code from a pickle.
+    Only the classes of `checkpoint_globals` may be rebuilt; a file that needs anything else is
+    refused in one line. A DeepSpeed config that selects another checkpoint engine (Nebula,
+    FastPersist) keeps it, and then only the checksums guard the resume."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ckpt = engine.checkpoint_engine
+    if type(ckpt) is not TorchCheckpointEngine:
+        return
+    allowed = checkpoint_globals()
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message is a page of advice; the global it refused is what a user needs
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = found.group(1) if found else "an object torch cannot load safely"
+            raise PipelineError(
+                f"checkpoint file {path} holds {what}, which is neither tensors nor plain data, "
+                "so it was not unpickled (a resume loads with weights_only=True); use --fresh "
+                "to start over"
+            ) from None
+
+    ckpt.load = load
 
 
 def plot_losses(metrics_path: Path, target: Path) -> None:
@@ -450,6 +499,7 @@ def build(cfg: PipelineConfig, plan: Plan) -> Run:
         lr_scheduler=None if "scheduler" in ds_config else warmup_cosine(d, plan.total_steps),
     )
     ckpt_dir, resume = d.output / "checkpoints", plan.resume
+    safe_checkpoint_engine(engine)
     if resume:  # verified in read_resume
         loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=resume["tag"])
         if loaded is None:

@@ -421,3 +421,36 @@ def test_a_resume_loads_only_the_checkpoint_it_wrote(tmp_path, tiny_student, cac
         run(tmp_path, tiny_student, cache, out, **more)
     summary = run(tmp_path, tiny_student, cache, out, fresh=True, **more)
     assert summary["steps"] == "0 -> 3 (of 3)"
+
+
+class _Planted:
+    """Unpickling this would run code (here: create a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_resume_unpickles_nothing_but_tensors_and_plain_data(tmp_path, tiny_student, cache):
+    """Someone who can write the output folder rewrites a checkpoint file *and* its checksum:
+    the resume loads with weights_only=True, so the planted object is refused in one line, and
+    its code never runs."""
+    import torch
+
+    from shared.schema import file_sha256
+
+    out = tmp_path / "out"
+    run(tmp_path, tiny_student, cache, out)
+    ckpt = out / "checkpoints"
+    tag = (ckpt / "latest").read_text()
+    state = next((ckpt / tag).glob("*model_states.pt"))
+    marker = tmp_path / "code-ran"
+    torch.save({"module": {}, "payload": _Planted(marker)}, state)
+    sums = json.loads((ckpt / tag / "checksums.json").read_text())
+    sums[state.name] = file_sha256(state)
+    (ckpt / tag / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(PipelineError, match=r"holds getattr, which is neither .*weights_only=True"):
+        run(tmp_path, tiny_student, cache, out, max_steps=3)
+    assert not marker.exists()
