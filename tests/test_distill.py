@@ -372,7 +372,7 @@ def test_gpu_deepspeed_configs_initialize_and_step(tmp_path, tiny_student, cache
     import deepspeed
     import torch
 
-    from stage2_distill.distill import deepspeed_config, init_distributed
+    from stage2_distill.distill import deepspeed_config, init_distributed, safe_checkpoint_engine
 
     zero_file = str(REPO / "configs" / f"{zero}.json")
     settings = {"grad_accum": 2, "deepspeed": zero_file}
@@ -395,6 +395,11 @@ def test_gpu_deepspeed_configs_initialize_and_step(tmp_path, tiny_student, cache
     if zero != "zero3":  # ZeRO-3 partitions the module's parameters away
         after = [p.detach().float() for p in engine.module.parameters()]
         assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    # A GPU run's checkpoint (bf16 optimizer states included) loads under weights_only=True.
+    engine.save_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    safe_checkpoint_engine(engine)
+    loaded, _ = engine.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    assert loaded is not None
 
 
 def test_a_resume_loads_only_the_checkpoint_it_wrote(tmp_path, tiny_student, cache):
