@@ -106,3 +106,41 @@ def test_engine_context_is_capped_at_the_model_and_dp_is_refused(tmp_path, capsy
     cfg.teacher.engine = {**cfg.teacher.engine, "data_parallel_size": 2}
     with pytest.raises(PipelineError, match="data_parallel_size"):
         teacher_cache.start_engine(cfg)
+
+
+def test_topk_columns_read_vllms_flat_logprobs_like_its_dicts():
+    """The flat container (sampled token first, then ranks 1..k+extras) gives the same columns as
+    a naive read of vLLM's per-position dicts: top k by rank, media ids left out, and the
+    generated token's own log-probability, whether it is inside the top-k or not."""
+    import random
+
+    from vllm.logprobs import FlatLogprobs, Logprob, append_logprobs_for_next_position
+
+    from stage1_teacher.teacher_cache import topk_columns
+
+    rng = random.Random(0)
+    k, extras = 4, frozenset({101, 102})
+    flat, dicts, gen_ids = FlatLogprobs(), [], []
+    for position in range(30):
+        vocab = rng.sample(range(110), 8)  # ids in rank order, media ids among them at times
+        values = sorted((rng.uniform(-9, 0) for _ in vocab), reverse=True)
+        rank = rng.choice([1, 3, 7, 40])  # the sampled token inside or outside the top-k + extras
+        sampled = vocab[rank - 1] if rank <= len(vocab) else 200 + position
+        sampled_lp = values[rank - 1] if rank <= len(vocab) else -20.0
+        ids, lps = [sampled, *vocab[: k + len(extras)]], [sampled_lp, *values[: k + len(extras)]]
+        for container in (flat, dicts):
+            append_logprobs_for_next_position(container, ids, lps, [None] * len(ids), rank, k + 2)
+        gen_ids.append(sampled)
+
+    def naive(position: dict, token: int):
+        ranked = sorted(position.items(), key=lambda kv: kv[1].rank)
+        ranked = [kv for kv in ranked if kv[0] not in extras][:k]
+        return [t for t, _ in ranked], [lp.logprob for _, lp in ranked], position[token].logprob
+
+    want = [naive(dicts[j], gen_ids[j]) for j in range(5, 25)]
+    top_ids, top_lps, target = topk_columns(flat, gen_ids, 5, 25, k, extras)
+    assert top_ids == [w[0] for w in want] and top_lps == [w[1] for w in want]
+    assert target == [w[2] for w in want]
+    assert all(isinstance(v, Logprob) for v in dicts[0].values())
+    plain_ids, _, _ = topk_columns(flat, gen_ids, 0, 30, k)
+    assert all(len(row) == k for row in plain_ids)
