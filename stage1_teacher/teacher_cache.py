@@ -509,7 +509,10 @@ def topk_columns(
     for j in range(i0, i1):
         s, e = starts[j], ends[j]
         if ids[s] != gen_ids[j]:
-            raise RuntimeError(f"vLLM's log-probabilities at position {j} lead with another token")
+            raise PipelineError(  # the layout this reads is vLLM 0.32's (see TESTED_VLLM)
+                f"vLLM's log-probabilities at reply position {j} are not the generated token's: "
+                f"install vllm=={TESTED_VLLM}.0, the release this reader was written for"
+            )
         target.append(lps[s])
         if exclude:
             pairs = zip(ids[s + 1 : e], lps[s + 1 : e], strict=True)
