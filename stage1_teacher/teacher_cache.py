@@ -493,33 +493,16 @@ def reply_token_span(tokenizer, gen_ids: list[int], start: int, end: int) -> tup
     return i0, max(i1, i0)
 
 
-def topk_columns(
-    logprobs, gen_ids: list[int], i0: int, i1: int, k: int, exclude: frozenset[int] = frozenset()
-) -> tuple[list[list[int]], list[list[float]], list[float]]:
-    """The top-k ids, their log-probabilities and the generated token's log-probability for the
-    generated positions [i0, i1), read from vLLM's flat container (`flat_logprobs=True`: a few
-    flat lists rather than one dict of `Logprob` objects per position, which costs allocation
-    and garbage collection on every token). Each position holds the sampled token first, then
-    ranks 1..k(+extras). `exclude`: ids left out (a VLM's media tokens beyond the text
-    vocabulary, asked for as extra top-k slots; their mass falls into the tail bucket, which the
-    loss treats as the rest)."""
-    ids, lps = logprobs.token_ids, logprobs.logprobs
-    starts, ends = logprobs.start_indices, logprobs.end_indices
-    top_ids, top_lps, target = [], [], []
-    for j in range(i0, i1):
-        s, e = starts[j], ends[j]
-        if ids[s] != gen_ids[j]:
-            raise RuntimeError(f"vLLM's log-probabilities at position {j} lead with another token")
-        target.append(lps[s])
-        if exclude:
-            pairs = zip(ids[s + 1 : e], lps[s + 1 : e], strict=True)
-            kept = [(t, lp) for t, lp in pairs if t not in exclude]
-            top_ids.append([t for t, _ in kept[:k]])
-            top_lps.append([lp for _, lp in kept[:k]])
-        else:
-            top_ids.append(ids[s + 1 : s + 1 + k])
-            top_lps.append(lps[s + 1 : s + 1 + k])
-    return top_ids, top_lps, target
+def topk_entry(
+    logprobs: dict, token_id: int, k: int, exclude: frozenset[int] = frozenset()
+) -> tuple[list[int], list[float], float]:
+    """vLLM's per-position dict {token_id: Logprob} holds the top k plus the sampled token (when it
+    is outside them); split it into the top-k lists and the sampled token's log-probability.
+    `exclude`: ids left out (a VLM's media tokens beyond the text vocabulary, asked for as extra
+    top-k slots; their mass falls into the tail bucket, which the loss treats as the rest)."""
+    ranked = sorted(logprobs.items(), key=lambda kv: kv[1].rank)
+    ranked = [kv for kv in ranked if kv[0] not in exclude][:k]
+    return [t for t, _ in ranked], [lp.logprob for _, lp in ranked], logprobs[token_id].logprob
 
 
 def media_extras(processor, vocab: int) -> list[int]:
@@ -709,7 +692,6 @@ def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None
             attempt,
             ex.example_id,
             logprobs=k + len(extras),
-            flat_logprobs=True,  # read by topk_columns
             # the student's vocabulary has no media placeholder: the teacher may not generate one
             allowed_token_ids=list(range(vocab)) if extras else None,
             extra_args={FEATURE_KEY: ex.example_id} if features else None,
@@ -755,7 +737,7 @@ def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None
         i0, i1 = reply_token_span(tokenizer, gen_ids, parsed.reply_start, parsed.reply_end)
         if i1 == len(gen_ids) - 1 and gen_ids[-1] == tokenizer.eos_token_id:
             i1 += 1  # the reply ran to the end of turn: keep it, so the student learns to stop
-        top_ids, top_lps, target = topk_columns(c.logprobs, gen_ids, i0, i1, k, frozenset(extras))
+        topk = [topk_entry(c.logprobs[j], gen_ids[j], k, frozenset(extras)) for j in range(i0, i1)]
         # What the teacher saw: vLLM's prompt ids, with a VLM's image placeholders expanded.
         context = list(out.prompt_token_ids or prompt_ids) + gen_ids[:i0]
         # No tokens, no reply: whatever the text parse says (an empty span is never cached).
@@ -775,9 +757,9 @@ def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None
             "teacher_finish_reason": c.finish_reason,
             "teacher_context_token_ids": context,
             "response_token_ids": gen_ids[i0:i1],
-            "topk_token_ids": top_ids,
-            "topk_logprobs": top_lps,
-            "target_logprob": target,
+            "topk_token_ids": [t[0] for t in topk],
+            "topk_logprobs": [t[1] for t in topk],
+            "target_logprob": [t[2] for t in topk],
             "teacher_features": [],
             "improvement_strategy": imp.strategy if improve else None,
             "base_response": base,
