@@ -80,10 +80,23 @@ def teacher_cache(
         str | None,
         typer.Option("--format", help="Force the input format: ed_csv, wp_csv or jsonl."),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Teacher engines side by side: more than 1 runs them as Ray workers "
+            "(teacher_cache.backend=ray; join a running cluster with "
+            "--set teacher_cache.ray.address=auto).",
+        ),
+    ] = None,
 ) -> None:
     """Run the teacher over dialogues and write Parquet shards with its reasoning, reply, top-k
     log-probabilities and features. Rerunnable: finished examples are skipped."""
     extra = []
+    if workers is not None:
+        extra.append(f"teacher_cache.workers={workers}")
+        if workers > 1:
+            extra.append("teacher_cache.backend=ray")
     if input_:
         extra.append("teacher_cache.inputs=" + json.dumps([_abs(p) for p in input_]))
     if output:

@@ -126,6 +126,20 @@ class ImproveConfig(Strict):
     base: Literal["reference", "teacher"] = "reference"
 
 
+class RayConfig(Strict):
+    """Where and how `teacher_cache.backend: ray` runs its workers (one vLLM engine each)."""
+
+    # None: start a local Ray cluster on this machine; "auto" or "HOST:PORT": join a running one
+    # (`ray start --head` on the head node, `ray start --address=HEAD:6379` on the others).
+    address: str | None = None
+    # per worker; None: the teacher's tensor-parallel size on a GPU machine, 0 on a CPU one
+    num_gpus: float | None = Field(None, ge=0)
+    # per worker; on a CPU machine each worker's engine is pinned to this many cores of its own
+    num_cpus: float = Field(1, gt=0)
+    # how often a unit of work is handed out again after the worker running it died
+    unit_retries: int = Field(2, ge=0)
+
+
 class TeacherCacheConfig(Strict):
     inputs: list[Path] = Field(default_factory=lambda: [Path("data/demo/train.csv")])
     format: Literal["auto", "ed_csv", "wp_csv", "jsonl"] = "auto"
@@ -136,6 +150,12 @@ class TeacherCacheConfig(Strict):
     limit: int | None = Field(None, ge=1)
     top_k: int = Field(20, ge=1, le=1000)
     shard_size: int = Field(64, ge=1)  # examples per shard: the unit of work and of resume
+    # local: one engine in this process; ray: `workers` engines on a Ray cluster (`ray`), each
+    # taking shards of work as it frees up. The output folder must then be on a filesystem
+    # every node shares, and the teacher folder at the same path on every node.
+    backend: Literal["local", "ray"] = "local"
+    workers: int = Field(1, ge=1)
+    ray: RayConfig = Field(default_factory=RayConfig)
     row_group_size: int = Field(16, ge=1)  # rows per Parquet row group: the reader's read unit
     features: bool = True  # pooled teacher features for MMD (kept during the generation)
     # Images and video frames for a vision-language teacher (ignored by a text teacher).

@@ -28,11 +28,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def weights_sha256(folder: Path) -> str:
-    """One hash over every weight file of a model folder (names and bytes), in name order."""
+def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     if not files:
         raise PipelineError(f"model folder {folder} has no *.safetensors or *.bin weights")
+    return files
+
+
+def weights_sha256(folder: Path) -> str:
+    """One hash over every weight file of a model folder (names and bytes), in name order."""
+    files = weight_files(folder)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -148,14 +153,51 @@ def ensure_model(folder: Path) -> Path:
 
 
 def model_sha256(folder: Path) -> str:
-    """The weight hash: from our marker when we built the folder (verified), else computed."""
-    marker = Path(folder) / MARKER
+    """The weight hash: from our marker when we built the folder (verified), else computed once
+    and remembered per file list, sizes and modification times (`HASH_CACHE`): a 7B-70B teacher
+    is tens of GB, and every run (every Ray worker) asks for its hash."""
+    folder = Path(folder)
+    marker = folder / MARKER
     if marker.is_file():
         try:
             return json.loads(marker.read_text())["weights_sha256"]
         except (ValueError, KeyError):
             pass
-    return weights_sha256(Path(folder))
+    stamp = hashlib.sha256(
+        json.dumps(
+            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(folder)]
+        ).encode()
+    ).hexdigest()
+    cache_file = hash_cache_path()
+    try:
+        known = json.loads(cache_file.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    key = str(folder.resolve())
+    if isinstance(known.get(key), dict) and known[key].get("stamp") == stamp:
+        return known[key]["sha256"]
+    digest = weights_sha256(folder)
+    known[key] = {"stamp": stamp, "sha256": digest}
+    try:  # a cache we cannot write only costs the next run another pass over the weights
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return digest
+
+
+def hash_cache_path() -> Path:
+    """Where model_sha256 remembers the hashes it computed: per user, per machine (a changed
+    file changes its size or modification time, and then it is hashed again)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(
+        os.environ.get(
+            "EMPATHY_DISTILL_HASH_CACHE", Path(root) / "empathy-distill" / "model-hashes.json"
+        )
+    )
 
 
 def load_tokenizer(folder: Path):

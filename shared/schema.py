@@ -36,8 +36,31 @@ from shared.errors import PipelineError
 SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
+REJECTS_PARTS = "rejects-*.jsonl"  # each writer's own (`rejects_part`), merged into REJECTS
+
+
+def rejects_part(writer: str) -> str:
+    return f"rejects-{writer}.jsonl"
+
+
 SHARD_GLOB = "shard-*.parquet"
-SHARD_NAME = re.compile(r"shard-\d{5}\.parquet")  # what a manifest may list
+# What a manifest may list: `shard-<16 hex digits>.parquet`, named after the example ids it was
+# asked to hold (`shard_name`), so no two writers can choose the same name and a retried unit
+# rewrites its own shard in place; `shard-<5 digits>` is the name older single-writer runs used.
+SHARD_NAME = re.compile(r"shard-(\d{5}|[0-9a-f]{16})\.parquet")
+
+
+def shard_name(example_ids: list[str]) -> str:
+    """The shard name of a unit of work: a hash of the example ids it was given (sorted)."""
+    digest = hashlib.sha256("\n".join(sorted(example_ids)).encode()).hexdigest()
+    return f"shard-{digest[:16]}.parquet"
+
+
+def temp_path(path: Path, writer: str) -> Path:
+    """Where `writer` writes `path` before the rename: one name per writer, so a writer can
+    delete its own leftovers without touching another writer's file in flight."""
+    return path.with_name(f".{path.name}.{writer}.tmp")
+
 
 _turn = pa.struct([("role", pa.string()), ("text", pa.string())])
 _media = pa.struct(
@@ -120,13 +143,14 @@ def write_shard(
     path: Path,
     row_group_size: int,
     metadata: dict[str, str] | None = None,
+    writer: str = "local",
 ) -> dict[str, Any]:
     """Write rows as one shard under a temporary name, then rename; return its manifest entry.
 
     `metadata` goes into the Parquet footer, so a shard renamed just before a kill (and so not yet
     in the manifest) can still be checked and adopted by the next run."""
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA.with_metadata(metadata or {}))
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path, writer)
     pq.write_table(
         table,
         tmp,
@@ -276,24 +300,28 @@ def topk_arrays(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 def read_rejects(out: Path) -> list[dict]:
     """The folder's rejects.jsonl, checked line by line (read before any teacher work, so a
     damaged file stops the run before the engine starts, not after)."""
-    path = Path(out) / REJECTS
-    if not path.exists():
-        return []
     records, required = [], ("origin", "reason")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: unreadable ({e}); delete it to count anew") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    # and the writers' own files that a killed run did not merge yet (`REJECTS_PARTS`)
+    paths = [Path(out) / REJECTS, *sorted(Path(out).glob(REJECTS_PARTS))]
+    for path in paths:
+        if not path.exists():
             continue
         try:
-            r = json.loads(line)
-        except (ValueError, RecursionError):
-            r = None
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in required):
-            raise PipelineError(
-                f"{path}: line {n} is not a reject record; fix or delete that line and rerun"
-            )
-        records.append(r)
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PipelineError(f"{path}: unreadable ({e}); delete it to count anew") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except (ValueError, RecursionError):
+                r = None
+            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in required):
+                if path.name != REJECTS and n == len(lines):
+                    continue  # a writer killed mid-line: that unit is redone anyway
+                raise PipelineError(
+                    f"{path}: line {n} is not a reject record; fix or delete that line and rerun"
+                )
+            records.append(r)
     return records

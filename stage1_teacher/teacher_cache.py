@@ -16,8 +16,10 @@ whose media cannot be loaded is rejected with the reason. For such rows
 re-scoring one needs its `media` too (the same frames: the manifest records the media settings);
 `teacher_features` come from the same forward passes, so they saw the images too.
 
-Work unit = one shard of `shard_size` examples. A rerun reads the inputs again, skips every
-example_id already in a finished shard, and starts no engine when nothing is left to do.
+Work unit = one shard of `shard_size` examples, answered by a worker (`stage1_teacher/workers.py`:
+one engine in this process, or many on a Ray cluster); this driver alone writes the manifest. A
+rerun reads the inputs again, skips every example_id already in a finished shard, and starts no
+engine when nothing is left to do.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ from shared.schema import (
     read_rejects,
     settings_mismatch,
     write_manifest,
-    write_shard,
 )
 from stage1_teacher import quality
+from stage1_teacher.workers import run_units, split_units
 
 # ----------------------------------------------------------------------------- setup
 
@@ -149,16 +151,13 @@ def template_sha256(template: dict[str, Any]) -> str:
 
 def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> set[str]:
     """example_ids already in finished shards. Also repairs what a kill or a hand leaves behind:
-    deletes `*.tmp` files (half-written by a killed run), drops a listed shard that is gone (its
-    examples are redone), and adopts a shard renamed but not yet listed (a kill between the two
-    steps) after checking its settings and that none of its examples is already cached. A shard
-    that cannot be read stops the run, naming it."""
+    drops a listed shard that is gone (its examples are redone), and adopts a shard renamed but
+    not yet listed (a kill between the two steps) after checking its settings and that none of
+    its examples is already cached. A shard that cannot be read stops the run, naming it."""
     import pyarrow.parquet as pq
 
     from shared.schema import SHARD_NAME, file_sha256
 
-    for tmp in out.glob("*.tmp"):
-        tmp.unlink()
     owner: dict[str, str] = {}  # example_id -> the shard that holds it
     kept = []
     for entry in manifest["shards"] if manifest else []:
@@ -166,7 +165,14 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
         if not path.exists():
             print(f"note: {path} is listed but gone; its {entry['rows']} examples will be redone")
             continue
-        owner.update(dict.fromkeys(shard_ids(path), entry["file"]))
+        ids = shard_ids(path)
+        twice = [i for i in ids if i in owner]
+        if twice:
+            raise PipelineError(
+                f"{twice[0]} is in both {owner[twice[0]]} and {entry['file']} (and "
+                f"{len(twice) - 1} more examples): delete one of the two shards and rerun"
+            )
+        owner.update(dict.fromkeys(ids, entry["file"]))
         kept.append(entry)
     if manifest:
         manifest["shards"] = kept
@@ -333,13 +339,8 @@ def start_engine(
             f"{vllm.__version__}: install vllm=={TESTED_VLLM}.0 (bash scripts/setup.sh gpu), or "
             "set teacher_cache.features=false"
         )
-    check_engine_settings(cfg.teacher.engine)
+    check_teacher_engine(cfg)
     engine = dict(cfg.teacher.engine)
-    if engine.get("data_parallel_size", 1) > 1:
-        raise PipelineError(
-            "teacher.engine.data_parallel_size: vLLM's offline engine runs one replica; run one "
-            "teacher-cache per GPU (or tensor-parallel group) on its own share of the inputs"
-        )
     engine["max_model_len"] = max_len or context_length(cfg)
     need = cfg.teacher_cache.top_k + extra_logprobs
     engine["max_logprobs"] = max(engine.get("max_logprobs", 20), need)
@@ -388,6 +389,17 @@ def start_engine(
             f"the vLLM engine did not start: {cause} (its log is above){hint}"
         ) from None
     return gen
+
+
+def check_teacher_engine(cfg: PipelineConfig) -> None:
+    """The engine settings, checked before any engine (or Ray worker) starts."""
+    check_engine_settings(cfg.teacher.engine)
+    if cfg.teacher.engine.get("data_parallel_size", 1) > 1:
+        raise PipelineError(
+            "teacher.engine.data_parallel_size: vLLM's offline engine runs one replica; for one "
+            "engine per GPU (or tensor-parallel group) set teacher_cache.backend=ray and "
+            "teacher_cache.workers"
+        )
 
 
 def stop_engine(llm) -> None:
@@ -908,6 +920,19 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         return build_cache(cfg, out)
 
 
+def teacher_settings(cfg: PipelineConfig):
+    """The teacher's tokenizer, processor (a VLM's; else None) and the cache settings they give."""
+    tokenizer = load_tokenizer(cfg.teacher.model)
+    processor = load_processor(cfg.teacher.model) if is_multimodal(cfg.teacher.model) else None
+    feature_dim = None
+    if cfg.teacher_cache.features:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.teacher.model)
+        feature_dim = config.get_text_config().hidden_size  # a VLM's language model
+    return tokenizer, processor, cache_settings(cfg, tokenizer, feature_dim, processor)
+
+
 def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     t_start = time.time()
     tc = cfg.teacher_cache
@@ -915,15 +940,7 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     examples, rejects = read_inputs(cfg)
     n_read = len(examples) + len(rejects)
     ensure_model(cfg.teacher.model)
-    tokenizer = load_tokenizer(cfg.teacher.model)
-    processor = load_processor(cfg.teacher.model) if is_multimodal(cfg.teacher.model) else None
-    feature_dim = None
-    if tc.features:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(cfg.teacher.model)
-        feature_dim = config.get_text_config().hidden_size  # a VLM's language model
-    settings = cache_settings(cfg, tokenizer, feature_dim, processor)
+    tokenizer, processor, settings = teacher_settings(cfg)
 
     manifest = read_manifest(out)
     if manifest is not None:
@@ -939,6 +956,7 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     write_resolved(cfg, out)
     manifest.update(describe_run(cfg))
     done = finished_ids(out, manifest, settings)
+    merge_rejects(out, [])  # what the writers of a killed run set aside, into rejects.jsonl
     # Examples the gate set aside in an earlier run stay set aside (their seeded attempts would
     # fail the same way): counted as rejects again, not asked again. Delete their lines from
     # rejects.jsonl to have them redone (e.g. after changing teacher_cache.quality).
@@ -949,54 +967,49 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     max_len = context_length(cfg)  # once: the plan and the engine use the same cap
     pending, counts = plan_work(cfg, tokenizer, examples, rejects, done, processor, max_len)
     counts["already_cached"] -= len(gated)  # each was counted once as done: it is a reject
-    generated, new_shards, t_teacher, t_startup, seconds = 0, [], 0.0, 0.0, Counter()
+    generated, new_shards, t_teacher, seconds = 0, [], 0.0, Counter()
     outcomes: Counter = Counter()
+    units = split_units(pending, tc.shard_size)
+    workers = min(tc.workers, len(units)) if tc.backend == "ray" else 1
     if pending:
-        print(f"{len(pending)} new examples for the teacher ({counts['already_cached']} cached)")
-        t_engine = time.time()
-        if processor is None:
-            gen = start_engine(cfg, max_len=max_len)
-        else:
+        check_teacher_engine(cfg)  # a typo is one line before the progress bar, not inside it
+        where = f" on {workers} Ray workers" if tc.backend == "ray" else ""
+        print(
+            f"{len(pending)} new examples for the teacher in {len(units)} shards{where} "
+            f"({counts['already_cached']} cached)"
+        )
+        engine_args = {"max_len": max_len}
+        if processor is not None:
             extras = media_extras(processor, settings["vocab_size"])
             # a prompt's images: one per image file, `frames` per video (an upper bound)
             per_entry = {"image": 1, "video": tc.media.frames}
             most = max(sum(per_entry[m["type"]] for m in ex.media) for ex, _ in pending)
-            gen = start_engine(cfg, len(extras), max(most, 1), max_len)
-        t0 = time.time()  # tokens/s counts teacher work, not engine start-up
-        next_index = 1 + max((int(e["file"][6:11]) for e in manifest["shards"]), default=-1)
-        accepted = accepted_replies(out, manifest)
+            engine_args.update(extra_logprobs=len(extras), max_images=max(most, 1))
+        t0 = time.time()
         bar = tqdm(total=len(pending), desc="teacher", unit="ex")
-        for start in range(0, len(pending), tc.shard_size):
-            batch = pending[start : start + tc.shard_size]
-            rows, gated, n_gen, shard_outcomes = teacher_rows(
-                cfg, tokenizer, gen, batch, processor, settings["vocab_size"], seconds, accepted
-            )
-            generated += n_gen
-            outcomes += shard_outcomes
-            # A shard's rejects are on disk before the shard itself: a kill in between at worst
-            # redoes the shard's examples, and the rejects are kept once each.
-            rejects += gated
-            write_rejects(out, gated)
-            bar.update(len(batch))
-            if not rows:
-                continue
-            path = out / f"shard-{next_index:05d}.parquet"
-            entry = write_shard(
-                rows, path, tc.row_group_size, metadata={"pipeline_settings": json.dumps(settings)}
-            )
-            manifest["shards"].append(entry)
-            write_manifest(
-                out, manifest
-            )  # after every shard: a kill loses at most the shard in flight
-            new_shards.append(entry)
-            next_index += 1
+        sizes = {u.name: len(u.batch) for u in units}
+        accepted = accepted_replies(out, manifest)
+        for result in run_units(cfg, out, units, settings, accepted, engine_args):
+            generated += result.generated
+            outcomes += result.outcomes
+            seconds += result.seconds
+            rejects += result.rejects
+            bar.update(sizes[result.unit])
+            if result.entry is not None:
+                manifest["shards"].append(result.entry)
+                # after every shard: a kill loses at most the shards in flight
+                write_manifest(out, manifest)
+                new_shards.append(result.entry)
             bar.set_postfix(rejected=len(rejects), tok_s=f"{generated / (time.time() - t0):.0f}")
         bar.close()
-        t_teacher = time.time() - t0
-        stop_engine(gen)
-        t_startup = t0 - t_engine
+        # the teacher's work, less the engine start-up (the workers start theirs side by side)
+        t_teacher = time.time() - t0 - seconds["startup"] / workers
 
-    write_rejects(out, rejects)
+    # Every writer has stopped (and the lock keeps other jobs out): whatever is still named as
+    # a temporary file was left by a writer that died.
+    for tmp in [*out.glob(".shard-*.tmp"), *out.glob("shard-*.tmp")]:
+        tmp.unlink(missing_ok=True)
+    merge_rejects(out, rejects)
     manifest["rows"] = sum(e["rows"] for e in manifest["shards"])
     write_manifest(out, manifest)
     total_bytes = sum(e["bytes"] for e in manifest["shards"])
@@ -1016,10 +1029,14 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         "rows": manifest["rows"],
         "reply_tokens": total_tokens,
         "bytes_per_reply_token": round(total_bytes / total_tokens, 1) if total_tokens else None,
+        "backend": tc.backend,
+        "workers": workers if pending else 0,
         "generated_tokens": generated,
-        "engine_startup_seconds": round(t_startup, 1),
+        # summed over the workers, which start theirs side by side
+        "engine_startup_seconds": round(seconds["startup"], 1),
         "teacher_seconds": round(t_teacher, 1),
-        # of which: generating (top-k log-probabilities, hidden states kept), pooling the states
+        # of which, summed over the workers: generating (top-k log-probabilities, hidden states
+        # kept), pooling the states
         "generate_seconds": round(seconds["generate"], 1),
         "feature_seconds": round(seconds["features"], 1),
         "tokens_per_second": round(generated / t_teacher, 1) if t_teacher else None,
@@ -1051,12 +1068,19 @@ def gate_rejects(out: Path, ids: set[str]) -> list[Reject]:
     return list(found.values())
 
 
-def write_rejects(out: Path, rejects: list[Reject]) -> None:
-    """Rejects of every run into this folder, once each (a rerun reads the same bad records)."""
-    path = out / REJECTS
+def merge_rejects(out: Path, rejects: list[Reject]) -> None:
+    """rejects.jsonl: every run's rejects into this folder, once each (a rerun reads the same bad
+    records), with the writers' own files (`schema.REJECTS_PARTS`) folded in and removed. Only
+    the driver calls it, under the folder's lock."""
+    from shared.schema import REJECTS_PARTS
+
     kept = {(r["origin"], r["reason"]): r for r in read_rejects(out)}
     for r in rejects:
         kept.setdefault((r.origin, r.reason), asdict(r))
-    atomic_write_text(
-        path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.values())
-    )
+    parts = sorted(out.glob(REJECTS_PARTS))
+    if parts or rejects or not (out / REJECTS).exists():
+        atomic_write_text(
+            out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.values())
+        )
+    for part in parts:
+        part.unlink()

@@ -31,6 +31,12 @@ def test_a_rerun_repairs_or_names_what_a_kill_or_a_hand_left(cache, capsys):
     (cache / "shard-00007.parquet").write_bytes(b"not parquet")
     with pytest.raises(PipelineError, match="shard-00007.parquet: damaged or not a shard"):
         finished_ids(cache, read_manifest(cache), settings())
+    # two listed shards that hold the same example: the merge refuses, naming both
+    manifest = read_manifest(cache)
+    manifest["shards"].append({**manifest["shards"][0], "file": "shard-00007.parquet"})
+    shutil.copy(cache / "shard-00000.parquet", cache / "shard-00007.parquet")
+    with pytest.raises(PipelineError, match="id0 is in both shard-00000.parquet and shard-00007"):
+        finished_ids(cache, manifest, settings())
     (cache / "shard-00007.parquet").unlink()
     data = (cache / "shard-00000.parquet").read_bytes()
     (cache / "shard-00000.parquet").write_bytes(data[: len(data) // 2])  # truncated
