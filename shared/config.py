@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from shared.errors import PipelineError
@@ -132,7 +133,8 @@ class RayConfig(Strict):
     # None: start a local Ray cluster on this machine; "auto" or "HOST:PORT": join a running one
     # (`ray start --head` on the head node, `ray start --address=HEAD:6379` on the others).
     address: str | None = None
-    # per worker; None: the teacher's tensor-parallel size on a GPU machine, 0 on a CPU one
+    # per worker; None: the GPUs one engine spans (tensor x pipeline parallel) on a GPU
+    # cluster, 0 on a CPU one
     num_gpus: float | None = Field(None, ge=0)
     # per worker; on a CPU machine each worker's engine is pinned to this many cores of its own
     num_cpus: float = Field(1, gt=0)
@@ -164,6 +166,14 @@ class TeacherCacheConfig(Strict):
     mode: Literal["answer", "improve"] = "answer"
     improve: ImproveConfig = Field(default_factory=ImproveConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
+
+    @model_validator(mode="after")
+    def _workers_need_ray(self) -> TeacherCacheConfig:
+        if self.workers > 1 and self.backend == "local":
+            raise ValueError(
+                "workers > 1 runs on Ray: set teacher_cache.backend=ray (or use --workers)"
+            )
+        return self
 
 
 class LossWeights(Strict):

@@ -1,8 +1,9 @@
 """The hand-off between the stages: the Parquet shard schema, the top-k encoding and the manifest.
 
-A cache folder holds `shard-NNNNN.parquet` files, `manifest.json` (rewritten atomically after each
-shard, so it always describes exactly the finished shards), `rejects.jsonl` and
-`resolved_config.yaml`. Shards are written under a temporary name and renamed when complete.
+A cache folder holds `shard-<hash>.parquet` files (`shard_name`), `manifest.json` (written only by
+the driver of `teacher-cache`, atomically after each shard, so it always describes exactly the
+finished shards), `rejects.jsonl` and `resolved_config.yaml`. Shards are written under a temporary
+name of their writer's (`temp_path`) and renamed when complete.
 
 Top-k encoding: for reply token t, `topk_token_ids[t]` holds the teacher's k most likely next-token
 ids (descending) and `topk_logprobs[t]` their raw log-probabilities (temperature 1, log-softmax over

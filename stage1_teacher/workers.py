@@ -244,8 +244,11 @@ def run_on_ray(cfg, out, units, settings, accepted, engine_args) -> Iterator[Uni
         ray.init(address=rc.address, **kwargs)
     try:
         resources = ray.cluster_resources()
-        tp = cfg.teacher.engine.get("tensor_parallel_size", 1)
-        gpus = rc.num_gpus if rc.num_gpus is not None else (tp if resources.get("GPU") else 0)
+        engine = cfg.teacher.engine
+        per_engine = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
+        gpus = (
+            rc.num_gpus if rc.num_gpus is not None else (per_engine if resources.get("GPU") else 0)
+        )
         need_cpus, need_gpus = n * rc.num_cpus, n * gpus
         if need_cpus > resources.get("CPU", 0) or need_gpus > resources.get("GPU", 0):
             raise PipelineError(

@@ -87,3 +87,14 @@ def test_an_engine_setting_vllm_does_not_take_is_refused_with_the_close_match():
 
 def test_default_paths_are_relative_in_the_model():
     assert PipelineConfig().teacher.model == Path("models/smollm2-135m-instruct")
+
+
+def test_several_teacher_engines_need_the_ray_backend():
+    with pytest.raises(PipelineError, match="workers > 1 runs on Ray"):
+        load_config(REPO / "pipelines.yaml", "demo", ["teacher_cache.workers=2"])
+    cfg = load_config(
+        REPO / "pipelines.yaml",
+        "demo",
+        ["teacher_cache.workers=2", "teacher_cache.backend=ray", "teacher_cache.ray.address=auto"],
+    )
+    assert cfg.teacher_cache.ray.address == "auto" and cfg.teacher_cache.ray.num_gpus is None
