@@ -118,13 +118,39 @@ def teacher_cache(
 @app.command("inspect")
 def inspect(
     folder: Annotated[Path, typer.Argument(help="A teacher-cache folder.")],
+    rescore: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also re-score N random rows with the teacher the manifest names "
+            "(transformers, float32) and exit 1 if the cache no longer matches it.",
+        ),
+    ] = 0,
+    max_logprob_error: Annotated[
+        float, typer.Option(help="Rescore: largest |top-1| or |target| log-prob difference.")
+    ] = 0.01,
+    max_kl: Annotated[
+        float, typer.Option(help="Rescore: largest mean top-k bucket KL per reply token.")
+    ] = 2e-3,
+    min_cosine: Annotated[
+        float, typer.Option(help="Rescore: smallest feature cosine (bf16 teachers: 0.995).")
+    ] = 0.999,
 ) -> None:
     """What a teacher cache holds: examples by source and emotion, reply tokens, rejects by reason,
-    teacher emotion agreement with the gold label."""
+    teacher emotion agreement with the gold label; with --rescore, whether it still matches the
+    teacher."""
     try:
-        from stage1_teacher.inspect_cache import main
+        from stage1_teacher.inspect_cache import Tolerance, main
 
         typer.echo(main(folder))
+        if rescore:
+            from stage1_teacher.inspect_cache import rescore as run_rescore
+
+            tol = Tolerance(max_logprob_error, max_kl, min_cosine)
+            text, ok = run_rescore(folder, rescore, tol)
+            typer.echo("\n" + text)
+            if not ok:
+                raise typer.Exit(1)
     except PipelineError as e:
         _fail(e)
 

@@ -55,9 +55,10 @@ from shared.models import (
 from shared.readers import Example, Reject, read_examples
 from shared.schema import (
     REJECTS,
-    SCHEMA_VERSION,
     SHARD_GLOB,
     atomic_write_text,
+    make_settings,
+    new_row,
     read_manifest,
     read_rejects,
     settings_mismatch,
@@ -90,23 +91,22 @@ def cache_settings(
     text student's with the same language tokenizer."""
     media_ids = media_token_ids(processor) if processor is not None else set()
     dropped = len(tokenizer.get_vocab()) - len(text_vocab(tokenizer, media_ids))
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "teacher_weights_sha256": model_sha256(cfg.teacher.model),
-        "tokenizer_fingerprint": text_tokenizer_fingerprint(tokenizer, media_ids),
-        "vocab_size": len(tokenizer) - dropped,
-        "top_k": cfg.teacher_cache.top_k,
-        "logprob_mode": "raw_logprobs",  # log-softmax of the unprocessed logits (temperature 1)
-        "temperature": cfg.teacher.temperature,
-        "top_p": cfg.teacher.top_p,
-        "max_new_tokens": cfg.teacher.max_new_tokens,
-        "sampling": cfg.teacher.sampling,
+    return make_settings(
+        teacher_weights_sha256=model_sha256(cfg.teacher.model),
+        tokenizer_fingerprint=text_tokenizer_fingerprint(tokenizer, media_ids),
+        vocab_size=len(tokenizer) - dropped,
+        top_k=cfg.teacher_cache.top_k,
+        logprob_mode="raw_logprobs",  # log-softmax of the unprocessed logits (temperature 1)
+        temperature=cfg.teacher.temperature,
+        top_p=cfg.teacher.top_p,
+        max_new_tokens=cfg.teacher.max_new_tokens,
+        sampling=cfg.teacher.sampling,
         # None when unset, so a cache written before the setting existed still matches
-        "reply_sampling": cfg.teacher.reply_sampling or None,
-        "prompt_template_sha256": template_sha256(prompt_template(cfg)),
-        "feature_dim": feature_dim,
-        "media": cfg.teacher_cache.media.model_dump() if processor is not None else None,
-    }
+        reply_sampling=cfg.teacher.reply_sampling or None,
+        prompt_template_sha256=template_sha256(prompt_template(cfg)),
+        feature_dim=feature_dim,
+        media=cfg.teacher_cache.media.model_dump() if processor is not None else None,
+    )
 
 
 def describe_run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
     its examples is already cached. A shard that cannot be read stops the run, naming it."""
     import pyarrow.parquet as pq
 
-    from shared.schema import SHARD_NAME, file_sha256
+    from shared.schema import SHARD_NAME, shard_entry
 
     owner: dict[str, str] = {}  # example_id -> the shard that holds it
     kept = []
@@ -195,17 +195,8 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
                 f"{path} is not in the manifest and {len(cached)} of its {len(ids)} examples "
                 f"are already in {owner[cached[0]]} (a copy?); delete {path.name}"
             )
-        manifest["shards"].append(
-            {
-                "file": path.name,
-                "rows": len(ids),
-                "reply_tokens": sum(
-                    map(len, pq.read_table(path, columns=["response_token_ids"])[0].to_pylist())
-                ),
-                "bytes": path.stat().st_size,
-                "sha256": file_sha256(path),
-            }
-        )
+        replies = pq.read_table(path, columns=["response_token_ids"])[0]
+        manifest["shards"].append(shard_entry(path, len(ids), sum(map(len, replies.to_pylist()))))
         owner.update(dict.fromkeys(ids, path.name))
     return set(owner)
 
@@ -754,33 +745,33 @@ def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None
         context = list(out.prompt_token_ids or prompt_ids) + gen_ids[:i0]
         # No tokens, no reply: whatever the text parse says (an empty span is never cached).
         reply = parsed.reply if i1 > i0 else ""
-        row = {
+        row = new_row(
             **{
                 f: getattr(ex, f)
                 for f in ("example_id", "source", "split", "dialogue", "emotion", "reference")
             },
-            "privileged": list(ex.privileged.items()),
-            "media": ex.media,
-            "candidates": ex.candidates,
-            "teacher_reasoning": parsed.reasoning,
-            "teacher_emotion": parsed.emotion,
-            "teacher_response": reply,
-            "teacher_parse_ok": parsed.parse_ok,
-            "teacher_finish_reason": c.finish_reason,
-            "teacher_context_token_ids": context,
-            "response_token_ids": gen_ids[i0:i1],
-            "topk_token_ids": [t[0] for t in topk],
-            "topk_logprobs": [t[1] for t in topk],
-            "target_logprob": [t[2] for t in topk],
-            "teacher_features": [],
-            "improvement_strategy": imp.strategy if improve else None,
-            "base_response": base,
-            # The feature pools the states that predicted the reply tokens: token indices
-            # len(context) - 1 onwards, one per reply token. Every one of them was computed
-            # during the generation.
-            "spans": (len(context) - 1, len(context) - 1 + max(i1 - i0, 1)),
-            "turn_problems": problems,
-        }
+            privileged=list(ex.privileged.items()),
+            media=ex.media,
+            candidates=ex.candidates,
+            teacher_reasoning=parsed.reasoning,
+            teacher_emotion=parsed.emotion,
+            teacher_response=reply,
+            teacher_parse_ok=parsed.parse_ok,
+            teacher_finish_reason=c.finish_reason,
+            teacher_context_token_ids=context,
+            response_token_ids=gen_ids[i0:i1],
+            topk_token_ids=[t[0] for t in topk],
+            topk_logprobs=[t[1] for t in topk],
+            target_logprob=[t[2] for t in topk],
+            improvement_strategy=imp.strategy if improve else None,
+            base_response=base,
+        )
+        # Not columns, dropped before the row is written: the feature pools the states that
+        # predicted the reply tokens (token indices len(context) - 1 onwards, one per reply
+        # token; every one was computed during the generation), and what the gate found in an
+        # improve-mode exchange's earlier turns.
+        row["spans"] = (len(context) - 1, len(context) - 1 + max(i1 - i0, 1))
+        row["turn_problems"] = problems
         tried.append((row, base))
     return tried, generated
 

@@ -168,6 +168,7 @@ class CacheWorker:
                 self.cfg.teacher_cache.row_group_size,
                 metadata={"pipeline_settings": json.dumps(self._settings)},
                 writer=self.writer,
+                top_k=self.cfg.teacher_cache.top_k,
             )
         new = Counter({k: v - before[k] for k, v in self.accepted.items() if v > before[k]})
         return UnitResult(unit.name, self.writer, entry, rejects, generated, outcomes, seconds, new)

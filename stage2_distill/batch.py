@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from shared.prompts import student_prompt
@@ -36,11 +37,12 @@ def encode_row(
         reply = list(row["response_token_ids"])
         n_kl = len(reply)
         topk_ids, topk_lps = row["topk_token_ids"], row["topk_logprobs"]
-        features = row["teacher_features"] or None
+        features = row["teacher_features"] if len(row["teacher_features"]) else None
     else:
         text = row["reference" if target == "reference" else "base_response"].strip()
         reply = tokenizer(text, add_special_tokens=False)["input_ids"]
-        n_kl, topk_ids, topk_lps, features = 0, [], [], None
+        n_kl, features = 0, None
+        topk_ids, topk_lps = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
     n_feat = n_kl  # the teacher pooled over its own reply tokens, not over an appended EOS
     if not reply or reply[-1] != eos:
         reply = reply + [eos]
@@ -87,21 +89,23 @@ def collate(examples: list[dict[str, Any]], pad_id: int, top_k: int, sources: li
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    pred_rows, pred_cols, targets, kl_mask, topk_ids, topk_lps = [], [], [], [], [], []
+    pred_rows, pred_cols, targets, kl_mask = [], [], [], []
+    topk_ids = np.zeros((sum(e["reply_len"] for e in examples), top_k), np.int64)
+    topk_lps = np.zeros(topk_ids.shape, np.float32)  # zeros where kl_mask is False
     feat_rows, feat_cols, feat_index, teacher_features = [], [], [], []
     for b, e in enumerate(examples):
         ids = e["input_ids"]
         input_ids[b, : len(ids)] = torch.tensor(ids)
         attention_mask[b, : len(ids)] = 1
-        p = e["prompt_len"]
+        p, n_kl, at = e["prompt_len"], e["n_kl"], len(targets)
+        if n_kl:
+            topk_ids[at : at + n_kl] = e["topk_ids"][:n_kl]
+            topk_lps[at : at + n_kl] = e["topk_lps"][:n_kl]
         for t in range(e["reply_len"]):
             pred_rows.append(b)
             pred_cols.append(p - 1 + t)
             targets.append(ids[p + t])
-            kl = t < e["n_kl"]
-            kl_mask.append(kl)
-            topk_ids.append(e["topk_ids"][t] if kl else [0] * top_k)
-            topk_lps.append(e["topk_lps"][t] if kl else [0.0] * top_k)
+            kl_mask.append(t < n_kl)
         if e["n_feat"] > 0:
             for t in range(e["n_feat"]):
                 feat_rows.append(b)
@@ -136,9 +140,9 @@ def collate(examples: list[dict[str, Any]], pad_id: int, top_k: int, sources: li
         "privileged": privileged,
         "targets": long(targets),
         "kl_mask": torch.tensor(kl_mask, dtype=torch.bool),
-        "topk_ids": long(topk_ids).reshape(-1, top_k),
-        "topk_lps": torch.tensor(topk_lps, dtype=torch.float32).reshape(-1, top_k),
-        "teacher_features": torch.tensor(teacher_features, dtype=torch.float32)
+        "topk_ids": torch.from_numpy(topk_ids),
+        "topk_lps": torch.from_numpy(topk_lps),
+        "teacher_features": torch.from_numpy(np.stack(teacher_features).astype(np.float32))
         if teacher_features
         else None,
     }

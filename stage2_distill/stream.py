@@ -18,7 +18,6 @@ was saved) are put at the front of the queue by `add_shards`, so they are traine
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.errors import PipelineError
-from shared.schema import SETTING_KEYS, SHARD_SCHEMA, settings_mismatch
+from shared.schema import check_shard_files, decode_table, stored_columns
 
 # What training reads; the rest of a row (context ids, candidates, media, ...) is never decoded.
 COLUMNS = [
@@ -43,35 +42,12 @@ COLUMNS = [
     "teacher_features",
     "base_response",  # improve mode: the reply the teacher rewrote (rejected side of a pair)
 ]
+STORED = stored_columns(COLUMNS)
 
 
 def check_shards(folder: Path, manifest: dict[str, Any]) -> None:
-    """Refuse a shard whose own columns or footer settings disagree with the manifest.
-
-    `shared.schema.verify_cache` checks the manifest against the student and each shard's row count
-    and checksum; this adds what only the shard itself can say: a file copied in from another
-    cache (other tokenizer, k or schema) that was listed by hand, or a shard missing columns."""
-    want = manifest.get("settings", {})
-    for entry in manifest.get("shards", []):
-        path = Path(folder) / entry["file"]
-        schema = pq.read_schema(path)
-        missing = [c for c in COLUMNS if c not in schema.names]
-        have = {c: schema.field(c).type for c in COLUMNS if c in schema.names}
-        wrong = [c for c, t in have.items() if t != SHARD_SCHEMA.field(c).type]
-        if missing or wrong:
-            raise PipelineError(
-                f"{path}: not a shard of this schema (missing {missing or 'none'}, wrong type "
-                f"{wrong or 'none'}); rebuild it with this version of `pipeline teacher-cache`"
-            )
-        raw = (schema.metadata or {}).get(b"pipeline_settings")
-        if raw is None:
-            continue  # older writers did not stamp the footer; the manifest is all there is
-        diff = settings_mismatch(json.loads(raw), want, SETTING_KEYS)
-        if diff:
-            raise PipelineError(
-                f"{path}: made with other settings than the manifest ({'; '.join(diff)}); "
-                "delete it and rerun `pipeline teacher-cache`"
-            )
+    """Each shard's own columns and footer settings against the manifest (shared.schema)."""
+    check_shard_files(folder, manifest, COLUMNS)
 
 
 def rank_units(units: list[list], rank: int, world_size: int) -> list[list]:
@@ -165,7 +141,8 @@ class ShardStream(Iterator[dict[str, Any]]):
 
     def _read(self, file: str, row_group: int) -> list[dict[str, Any]]:
         try:
-            return self._parquet(file).read_row_group(row_group, columns=COLUMNS).to_pylist()
+            table = self._parquet(file).read_row_group(row_group, columns=STORED)
+            return decode_table(table)  # the top-k and features decoded, vectorised
         except (OSError, pa.ArrowException) as e:
             path = self.folder / file
             raise PipelineError(f"{path}: cannot read row group {row_group} ({e})") from None

@@ -67,28 +67,23 @@ def tiny_teacher(tmp_path_factory, embedded_teacher) -> Path:
 
 
 def row(i: int, k: int = 3, n: int = 2) -> dict:
-    return {
-        "example_id": f"id{i}",
-        "source": "demo",
-        "split": "train",
-        "dialogue": [{"role": "speaker", "text": f"hello {i}"}],
-        "privileged": [("situation", "s")],
-        "media": [],
-        "emotion": "sad",
-        "reference": "ref",
-        "candidates": [],
-        "teacher_reasoning": "Emotion: sad",
-        "teacher_emotion": "sad",
-        "teacher_response": "there there",
-        "teacher_parse_ok": True,
-        "teacher_finish_reason": "stop",
-        "teacher_context_token_ids": [1, 2, 3],
-        "response_token_ids": list(range(10, 10 + n)),
-        "topk_token_ids": [[10 + t, 5, 6][:k] for t in range(n)],
-        "topk_logprobs": [[-0.1, -2.0, -3.0][:k] for _ in range(n)],
-        "target_logprob": [-0.1] * n,
-        "teacher_features": [0.5, 0.25],
-    }
+    return schema.new_row(
+        example_id=f"id{i}",
+        source="demo",
+        dialogue=[{"role": "speaker", "text": f"hello {i}"}],
+        privileged=[("situation", "s")],
+        emotion="sad",
+        reference="ref",
+        teacher_reasoning="Emotion: sad",
+        teacher_emotion="sad",
+        teacher_response="there there",
+        teacher_context_token_ids=[1, 2, 3],
+        response_token_ids=list(range(10, 10 + n)),
+        topk_token_ids=[[10 + t, 5, 6][:k] for t in range(n)],
+        topk_logprobs=[[-0.1, -2.0, -3.0][:k] for _ in range(n)],
+        target_logprob=[-0.1] * n,
+        teacher_features=[0.5, 0.25],
+    )
 
 
 def settings(**over):

@@ -19,7 +19,14 @@ import yaml
 
 from shared.config import load_config
 from shared.errors import PipelineError
-from shared.schema import MANIFEST, SCHEMA_VERSION, read_manifest, write_manifest, write_shard
+from shared.schema import (
+    MANIFEST,
+    make_settings,
+    new_row,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "models" / "smollm2-135m-student-6l"
@@ -57,19 +64,21 @@ def tiny_student(tmp_path_factory) -> Path:
 def settings_for(tokenizer, k: int = K, feature_dim: int | None = FEATURE_DIM) -> dict:
     from shared.models import tokenizer_fingerprint
 
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "teacher_weights_sha256": "synthetic",
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
-        "top_k": k,
-        "logprob_mode": "raw_logprobs",
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "max_new_tokens": 16,
-        "prompt_template_sha256": "synthetic",
-        "feature_dim": feature_dim,
-    }
+    return make_settings(
+        teacher_weights_sha256="synthetic",
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=len(tokenizer),
+        top_k=k,
+        logprob_mode="raw_logprobs",
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=16,
+        sampling={},
+        reply_sampling=None,
+        prompt_template_sha256="synthetic",
+        feature_dim=feature_dim,
+        media=None,
+    )
 
 
 def synthetic_row(i: int, rng: np.random.Generator, k: int = K) -> dict:
@@ -87,28 +96,22 @@ def synthetic_row(i: int, rng: np.random.Generator, k: int = K) -> dict:
     if i % 2:
         privileged["future"] = f"Listener: {words(8)}"
     feats = rng.normal(size=FEATURE_DIM)
-    return {
-        "example_id": f"ex{i:05d}",
-        "source": "synthetic",
-        "split": "train",
-        "dialogue": [{"role": "speaker", "text": f"I feel {words(5)}."}],
-        "privileged": list(privileged.items()),
-        "media": [],
-        "emotion": "sad",
-        "reference": f"That sounds {words(4)}." if i % 5 else "",
-        "candidates": [],
-        "teacher_reasoning": "Emotion: sad",
-        "teacher_emotion": "sad",
-        "teacher_response": "synthetic",
-        "teacher_parse_ok": i % 4 != 1,
-        "teacher_finish_reason": "stop",
-        "teacher_context_token_ids": [1, 2, 3],
-        "response_token_ids": reply,
-        "topk_token_ids": ids,
-        "topk_logprobs": lps,
-        "target_logprob": [lp[0] for lp in lps],
-        "teacher_features": [float(x) for x in feats / np.linalg.norm(feats)],
-    }
+    return new_row(
+        example_id=f"ex{i:05d}",
+        source="synthetic",
+        dialogue=[{"role": "speaker", "text": f"I feel {words(5)}."}],
+        privileged=list(privileged.items()),
+        emotion="sad",
+        reference=f"That sounds {words(4)}." if i % 5 else "",
+        teacher_response="synthetic",
+        teacher_parse_ok=i % 4 != 1,
+        teacher_context_token_ids=[1, 2, 3],
+        response_token_ids=reply,
+        topk_token_ids=ids,
+        topk_logprobs=lps,
+        target_logprob=[lp[0] for lp in lps],
+        teacher_features=[float(x) for x in feats / np.linalg.norm(feats)],
+    )
 
 
 def make_cache(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from test_media import write_image, write_video
@@ -26,7 +25,7 @@ from shared.models import (
     text_tokenizer_fingerprint,
     tokenizer_fingerprint,
 )
-from shared.schema import verify_cache
+from shared.schema import read_rows, verify_cache
 from stage1_teacher import quality
 
 ENGINE = {
@@ -128,7 +127,7 @@ def test_images_and_video_frames_through_vllm(tiny_vlm, embedded_teacher, tmp_pa
     assert any(r.startswith("media 1: cannot decode image broken.png") for r in reasons)
 
     manifest = json.loads((out / "manifest.json").read_text())
-    rows = [r for e in manifest["shards"] for r in pq.read_table(out / e["file"]).to_pylist()]
+    rows = [r for e in manifest["shards"] for r in read_rows(out / e["file"])]
     by_images = {len(r["media"]): r for r in rows}
     assert sorted(len(r["media"]) for r in rows) == [1, 1, 2]
     for r in rows:
@@ -137,7 +136,7 @@ def test_images_and_video_frames_through_vllm(tiny_vlm, embedded_teacher, tmp_pa
         # the context is what vLLM saw: one expanded placeholder run per image / frame
         assert ctx.count(TEXT_VOCAB) == IMAGE_TOKENS * n_frames
         assert r["response_token_ids"] and max(r["response_token_ids"]) < TEXT_VOCAB
-        assert all(len(ids) == 5 and max(ids) < TEXT_VOCAB for ids in r["topk_token_ids"])
+        assert r["topk_token_ids"].shape[1] == 5 and r["topk_token_ids"].max() < TEXT_VOCAB
         assert len(r["teacher_features"]) == 128
         assert all(Path(m["path"]).is_file() for m in r["media"])  # references kept
     video = next(r for r in rows if r["media"][0]["type"] == "video")
@@ -184,4 +183,4 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
         assert (torch.log_softmax(blank[0], dim=-1) - logp).abs().max() > 1e-3  # images matter
         states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
         span = states[len(ctx) - 1 : len(ctx) - 1 + len(reply)]  # predicting the reply tokens
-        assert torch.allclose(span.mean(0), torch.tensor(r["teacher_features"]), atol=1e-3)
+        assert torch.allclose(span.mean(0), torch.from_numpy(r["teacher_features"]), atol=1e-3)

@@ -11,7 +11,7 @@ from shared.schema import (
     SCHEMA_VERSION,
     SHARD_SCHEMA,
     read_manifest,
-    topk_arrays,
+    read_rows,
     verify_cache,
     write_manifest,
     write_shard,
@@ -22,9 +22,9 @@ def test_shard_round_trip_and_row_groups(cache):
     f = pq.ParquetFile(cache / "shard-00000.parquet")
     assert f.schema_arrow.remove_metadata() == SHARD_SCHEMA
     assert f.metadata.num_row_groups == 2  # row_group_size=1
-    first = f.read().to_pylist()[0]
+    first = read_rows(cache / "shard-00000.parquet")[0]
     assert first["privileged"] == [("situation", "s")]
-    ids, lps = topk_arrays(first)
+    ids, lps = first["topk_token_ids"], first["topk_logprobs"]
     assert ids.shape == lps.shape == (2, 3) and ids[1, 0] == 11
     assert not list(cache.glob("*.tmp"))
 

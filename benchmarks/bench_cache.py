@@ -1,0 +1,174 @@
+"""Benchmark the cache's size and cost at several k, in one script run.
+
+    .venv/bin/python benchmarks/bench_cache.py                      # k = 20, 64, 128; 64 demo rows
+    .venv/bin/python benchmarks/bench_cache.py --ks 20 64 --limit 32 --rescore 8
+
+For each k, `teacher-cache` on the first `--limit` demo examples into a fresh folder, each in a
+child process (its wall time, and the peak resident memory of it and its engine process). Then,
+from the Parquet footers: the bytes per reply token and per top-k entry of each stored column;
+the same rows rewritten in schema 4's layout (int32 ids, float32 log-probabilities and features,
+zstd, as that writer laid them out) for the before/after; the rows per second the shard stream
+delivers, top-k decoding included; and `pipeline inspect --rescore` on a few rows (the bucket KL
+of the stored top-k against the live teacher in transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Bytes per top-k entry published by others, for the side-by-side (README: Measured).
+PUBLISHED = {
+    "DistillKit (k = 128, ~330 B per token)": 2.6,
+    "Megatron offline KD (before zstd)": 4.1,
+}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One `teacher-cache` run; its summary and peak memory (self and reaped children: the
+    engine process) as the last line."""
+    from shared.config import load_config
+    from stage1_teacher import teacher_cache
+
+    summary = teacher_cache.main(load_config(args.config, args.pipeline, args.overrides))
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    print(json.dumps({**summary, "peak_mib": round(peak / 1024)}))
+
+
+def column_bytes(folder: Path) -> dict[str, int]:
+    """Compressed bytes of each stored column, summed over every shard and row group."""
+    import pyarrow.parquet as pq
+
+    sizes: dict[str, int] = {}
+    for path in sorted(folder.glob("shard-*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                name = col.path_in_schema.split(".")[0]
+                sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return sizes
+
+
+def v4_bytes(folder: Path) -> dict[str, int]:
+    """The same rows in schema 4's layout: ids int32, log-probabilities and features float32,
+    zstd; its writer named nested columns for byte-stream-split, which Parquet ignored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shared.schema import read_rows
+
+    sizes = {"topk_token_ids": 0, "topk_logprobs": 0, "teacher_features": 0}
+    types = {
+        "topk_token_ids": pa.list_(pa.list_(pa.int32())),
+        "topk_logprobs": pa.list_(pa.list_(pa.float32())),
+        "teacher_features": pa.list_(pa.float32()),
+    }
+    for path in sorted(folder.glob("shard-*.parquet")):
+        rows = read_rows(path, list(sizes))
+        for name in sizes:
+            values = [r[name].tolist() for r in rows]
+            buf = io.BytesIO()
+            table = pa.table({name: pa.array(values, types[name])})
+            pq.write_table(table, buf, compression="zstd", row_group_size=16, use_dictionary=False)
+            sizes[name] += buf.tell()
+    return sizes
+
+
+def stream_rate(folder: Path, rows: int) -> float:
+    from shared.schema import read_manifest
+    from stage2_distill.stream import ShardStream
+
+    manifest = read_manifest(folder)
+    stream = ShardStream(folder, manifest["shards"], buffer_size=64)
+    t0 = time.perf_counter()
+    for _ in range(rows):
+        next(stream)
+    return rows / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "pipelines.yaml"))
+    parser.add_argument("--pipeline", default="demo")
+    parser.add_argument("--limit", type=int, default=64)
+    parser.add_argument("--ks", type=int, nargs="+", default=[20, 64, 128])
+    parser.add_argument("--rescore", type=int, default=8, help="rows to re-score per k (0: none)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return child(args)
+
+    from stage1_teacher.inspect_cache import Tolerance, rescore
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in args.ks:
+            out = Path(tmp) / f"k{k}"
+            sets = [
+                *args.overrides,
+                f"teacher_cache.top_k={k}",
+                f"teacher_cache.limit={args.limit}",
+                f"teacher_cache.output={out}",
+            ]
+            cmd = [sys.executable, __file__, "--one", "--config", args.config]
+            cmd += ["--pipeline", args.pipeline, *(x for s in sets for x in ("--set", s))]
+            done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, check=True)
+            s = json.loads(done.stdout.strip().splitlines()[-1])
+            tokens = s["reply_tokens"]
+            now, before = column_bytes(out), v4_bytes(out)
+            topk_now = sum(now[c] for c in ("topk_token_ids", "topk_top1_logprob", "topk_logrest"))
+            topk_now += now["topk_gap_steps"]
+            features_now = now["teacher_features_q8"] + now["teacher_features_scale"]
+            topk_before = before["topk_token_ids"] + before["topk_logprobs"]
+            entries = tokens * k
+            text, _ = rescore(out, args.rescore, Tolerance()) if args.rescore else ("", True)
+            kl = next((ln for ln in text.splitlines() if "bucket KL, mean" in ln), "")
+            results[k] = {
+                "rows": s["rows"],
+                "reply_tokens": tokens,
+                "capture_wall_s": s["wall_seconds"],
+                "capture_generate_s": s["generate_seconds"],
+                "capture_peak_mib": s["peak_mib"],
+                "bytes_per_reply_token": round(sum(now.values()) / tokens, 1),
+                "topk_bytes_per_entry": round(topk_now / entries, 3),
+                "of_which_ids": round(now["topk_token_ids"] / entries, 3),
+                "of_which_gap_steps": round(now["topk_gap_steps"] / entries, 3),
+                "of_which_top1_and_rest": round(
+                    (now["topk_top1_logprob"] + now["topk_logrest"]) / entries, 3
+                ),
+                "schema4_topk_bytes_per_entry": round(topk_before / entries, 3),
+                "features_bytes_per_token": round(features_now / tokens, 1),
+                "schema4_features_bytes_per_token": round(before["teacher_features"] / tokens, 1),
+                "stream_rows_per_s": round(stream_rate(out, 4 * s["rows"]), 1),
+                "rescore_bucket_kl": kl.split(":")[-1].strip() if kl else None,
+            }
+    base = results[args.ks[0]]["capture_wall_s"]
+    for r in results.values():
+        r["capture_ratio_to_first_k"] = round(r["capture_wall_s"] / base, 2)
+    keys = list(next(iter(results.values())))
+    print("\n| figure | " + " | ".join(f"k = {k}" for k in results) + " |")
+    print("|---" * (len(results) + 1) + "|")
+    for key in keys:
+        print(f"| {key.replace('_', ' ')} | " + " | ".join(str(r[key]) for r in results.values()))
+    for name, value in PUBLISHED.items():
+        print(f"| published: {name} | {value} B per entry |")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
