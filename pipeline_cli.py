@@ -2,6 +2,8 @@
 
 Heavy imports (torch, vLLM, DeepSpeed) happen inside the commands so `--help` stays instant.
 A PipelineError (bad input, bad config, mismatched cache) prints as one line and exits 1.
+The engines' logs (vLLM, DeepSpeed, torch.distributed, Ray) go to a log file in the command's
+output folder, which the summary names; `--verbose` shows them on the terminal instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from shared import console
 from shared.config import PipelineConfig, load_config
 from shared.errors import PipelineError
 
@@ -27,6 +30,12 @@ app = typer.Typer(
 ConfigOpt = Annotated[Path, typer.Option("--config", help="YAML file of named pipelines.")]
 PipelineOpt = Annotated[
     str, typer.Option("--pipeline", help="Which pipeline of the config to use.")
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Show the engines' logs here instead of in the output's log file."
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -49,8 +58,26 @@ def _abs(path: Path) -> str:
 
 
 def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
+    line = f"error: {err}"
+    if console.log_has_content():
+        line += f" (the engines' log: {console.log_file()})"
+    console.say(line, error=True)
     raise typer.Exit(1)
+
+
+def _run_stage(stage: str, cfg: PipelineConfig, log: Path, verbose: bool, title: str) -> dict:
+    """`stage`'s main(cfg) ("module:function", imported here: the engines log from their
+    import on) with those logs in `log` (on the terminal with --verbose); a PipelineError
+    becomes one line on the terminal and exit 1."""
+    import importlib
+
+    module, function = stage.split(":")
+    with console.quiet(None if verbose else log, title):
+        try:
+            summary = getattr(importlib.import_module(module), function)(cfg)
+        except PipelineError as e:
+            _fail(e)
+    return {**summary, "log": str(console.last_log)} if console.last_log else summary
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -89,6 +116,7 @@ def teacher_cache(
             "--set teacher_cache.ray.address=auto).",
         ),
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the teacher over dialogues and write Parquet shards with its reasoning, reply, top-k
     log-probabilities and features. Rerunnable: finished examples are skipped."""
@@ -107,11 +135,16 @@ def teacher_cache(
         extra.append(f"teacher_cache.format={format_}")
     try:
         cfg = _config(config, pipeline, set_, extra)
-        from stage1_teacher.teacher_cache import main
-
-        summary = main(cfg)
     except PipelineError as e:
         _fail(e)
+    log = cfg.teacher_cache.output / "teacher-cache.log"
+    summary = _run_stage(
+        "stage1_teacher.teacher_cache:main",
+        cfg,
+        log,
+        verbose,
+        f"pipeline teacher-cache --pipeline {pipeline}",
+    )
     _print_summary("teacher-cache summary", summary)
 
 
@@ -177,6 +210,7 @@ def distill(
         bool,
         typer.Option("--fresh/--resume", help="Start over, or resume from the last checkpoint."),
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train the student under DeepSpeed from streamed teacher shards; export it to OUTPUT/final.
     Resumes from the last checkpoint (stream position included); new shards are trained on next.
@@ -194,11 +228,12 @@ def distill(
         extra.append("distill.fresh=true")
     try:
         cfg = _config(config, pipeline, set_, extra)
-        from stage2_distill.distill import main
-
-        summary = main(cfg)
     except PipelineError as e:
         _fail(e)
+    log = cfg.distill.output / "distill.log"
+    summary = _run_stage(
+        "stage2_distill.distill:main", cfg, log, verbose, f"pipeline distill --pipeline {pipeline}"
+    )
     _print_summary("distill summary", summary)
 
 
@@ -238,6 +273,7 @@ def evaluate(
         str | None, typer.Option(help="Name of the model the others are judged against.")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Compare students, baselines and the teacher on held-out dialogues: BERTScore, emotion
     accuracy, BLEU/ROUGE/Distinct, LLM-judge win rates, cost; writes metrics.json and report.md."""
@@ -254,32 +290,44 @@ def evaluate(
         if limit is not None:
             extra.append(f"evaluate.limit={limit}")
         cfg = _config(config, pipeline, set_, extra)
-        from evaluation.evaluate import main
-
-        summary = main(cfg)
     except PipelineError as e:
         _fail(e)
+    log = cfg.evaluate.output / "evaluate.log"
+    summary = _run_stage(
+        "evaluation.evaluate:main", cfg, log, verbose, f"pipeline evaluate --pipeline {pipeline}"
+    )
     _print_summary("evaluate summary", summary)
 
 
 @app.command("run")
 def run(
-    config: ConfigOpt = Path("pipelines.yaml"), pipeline: PipelineOpt = "demo", set_: SetOpt = None
+    config: ConfigOpt = Path("pipelines.yaml"),
+    pipeline: PipelineOpt = "demo",
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a whole named pipeline: teacher-cache, distill (+ `run.baselines`), evaluate; stages
     whose outputs are complete are skipped. Prints and saves a table of the stages' times."""
     try:
         cfg = _config(config, pipeline, set_, [])
-        from run_pipeline import format_table, main
-
-        summary = main(cfg)
     except PipelineError as e:
         _fail(e)
+    from run_pipeline import format_table
+
+    log = cfg.distill.output.parent / "run.log"
+    summary = _run_stage(
+        "run_pipeline:main", cfg, log, verbose, f"pipeline run --pipeline {pipeline}"
+    )
     typer.echo(f"\npipeline run {cfg.name}\n{format_table(summary['stages'])}")
     typer.echo(f"  (written to {summary['summary']})")
+    if "log" in summary:
+        typer.echo(f"  (the engines' log: {summary['log']})")
 
 
 def main() -> None:
+    from shared.models import stay_offline
+
+    stay_offline()
     app()
 
 

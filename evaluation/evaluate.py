@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation import judge, metrics, report
-from shared import prompts
+from shared import console, prompts
 from shared.config import (
     MODEL_KEYWORDS,
     PipelineConfig,
@@ -265,7 +265,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     llm = None
     for name in order:
-        print(f"evaluate: {name} ({folders[name]}) on {len(examples)} dialogues", flush=True)
+        console.say(f"evaluate: {name} ({folders[name]}) on {len(examples)} dialogues")
         with PeakRSS() as mem:
             t0 = time.time()
             llm = start_engine(cfg, folders[name])
@@ -289,7 +289,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     if need_judge and llm is None:
         llm = start_engine(cfg, judge_dir)
     if need_judge:
-        print(f"evaluate: judging with {judge_dir}", flush=True)
+        console.say(f"evaluate: judging with {judge_dir}")
     verdicts = {}
     for name in folders:
         if name != baseline:

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from shared import prompts
+from shared import console, prompts
 from shared.errors import PipelineError
 from shared.readers import read_examples
 
@@ -33,7 +33,7 @@ def progress(label: str):
     def bar(*iterable, **kw):
         if iterable:
             return tqdm(*iterable, **kw, disable=True)
-        return tqdm(**{**kw, "desc": label})
+        return tqdm(**{**kw, "desc": label, "file": console.err()})
 
     return bar
 

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from shared import console
 from shared.errors import PipelineError
 
 MARKER = "pipeline-model.json"  # written last into a folder we built: its weight hashes
@@ -23,9 +24,13 @@ TEACHER_NAME = "smollm2-135m-instruct"
 STUDENT_PREFIX = "smollm2-135m-student-"  # + "<n>l": keep n evenly spaced layers of 30
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Never reach for a model hub: a missing file must fail at once, not hang on the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+def stay_offline() -> None:
+    """Never reach for a model hub: a missing file must fail at once, not hang on the network.
+    Called by the entry points (the CLI, distill's torchrun entry, each Ray worker's
+    environment) before transformers is imported, which reads these once."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -142,12 +147,12 @@ def ensure_model(folder: Path) -> Path:
     if _intact(folder):
         return folder
     if name == TEACHER_NAME:
-        print(f"building the embedded teacher in {folder} (once, ~30 s)", flush=True)
+        console.say(f"building the embedded teacher in {folder} (once, ~30 s)")
         build_teacher(folder)
     else:
         n_keep = int(name[len(STUDENT_PREFIX) : -1])
         teacher = ensure_model(folder.with_name(TEACHER_NAME))
-        print(f"building the embedded student in {folder} ({n_keep} layers)", flush=True)
+        console.say(f"building the embedded student in {folder} ({n_keep} layers)")
         build_student(teacher, folder, n_keep)
     return folder
 
@@ -324,7 +329,7 @@ def ensure_tiny_vlm(folder: Path) -> Path:
     folder = Path(folder)
     if not _intact(folder):
         text_folder = ensure_model(folder.with_name(TEACHER_NAME))
-        print(f"building the tiny random vision-language teacher in {folder}", flush=True)
+        console.say(f"building the tiny random vision-language teacher in {folder}")
         build_tiny_vlm(text_folder, folder)
     return folder
 

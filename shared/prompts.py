@@ -124,8 +124,9 @@ def template_text() -> dict[str, Any]:
     }
 
 
-def template_sha256() -> str:
-    text = json.dumps(template_text(), sort_keys=True, ensure_ascii=False)
+def template_sha256(template: dict) -> str:
+    """The manifest's `prompt_template_sha256`: any change to a prompt's text changes it."""
+    text = json.dumps(template, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

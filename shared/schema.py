@@ -443,6 +443,19 @@ def read_rows(path: Path, columns: list[str] | None = None) -> list[dict[str, An
     return decode_table(pq.read_table(path, columns=stored))
 
 
+def check_pairs(folder: Path, manifest: dict[str, Any]) -> None:
+    """For sft-dpo: refuse a cache without preference pairs (an answer-mode cache) before
+    anything heavy."""
+    for entry in manifest["shards"]:
+        column = pq.read_table(Path(folder) / entry["file"], columns=["base_response"]).column(0)
+        if any((text or "").strip() for text in column.to_pylist()):
+            return
+    raise PipelineError(
+        f"{folder}: no row has a base_response, so there are no preference pairs for sft-dpo; "
+        "build an improve-mode cache (--set teacher_cache.mode=improve, its own output) first"
+    )
+
+
 def check_shard_files(folder: Path, manifest: dict[str, Any], columns: list[str]) -> None:
     """Refuse a shard whose own columns or footer settings disagree with the manifest.
 

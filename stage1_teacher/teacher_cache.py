@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shared import prompts
+from shared import console, prompts
 from shared.config import PipelineConfig, open_output, write_resolved
 from shared.errors import PipelineError
 from shared.media import MediaError, load_media
@@ -103,7 +103,7 @@ def cache_settings(
         sampling=cfg.teacher.sampling,
         # None when unset, so a cache written before the setting existed still matches
         reply_sampling=cfg.teacher.reply_sampling or None,
-        prompt_template_sha256=template_sha256(prompt_template(cfg)),
+        prompt_template_sha256=prompts.template_sha256(prompt_template(cfg)),
         feature_dim=feature_dim,
         media=cfg.teacher_cache.media.model_dump() if processor is not None else None,
     )
@@ -144,13 +144,11 @@ def prompt_template(cfg: PipelineConfig) -> dict[str, Any]:
     return template
 
 
-def template_sha256(template: dict[str, Any]) -> str:
-    text = json.dumps(template, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> set[str]:
-    """example_ids already in finished shards. Also repairs what a kill or a hand leaves behind:
+def reconcile_shards(
+    out: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]
+) -> set[str]:
+    """Repairs the folder, then returns the example_ids in finished shards. Repairs what a kill
+    or a hand leaves behind (appending to `manifest` and deleting temporary files):
     drops a listed shard that is gone (its examples are redone), and adopts a shard renamed but
     not yet listed (a kill between the two steps) after checking its settings and that none of
     its examples is already cached. A shard that cannot be read stops the run, naming it."""
@@ -163,7 +161,8 @@ def finished_ids(out: Path, manifest: dict[str, Any] | None, settings: dict[str,
     for entry in manifest["shards"] if manifest else []:
         path = out / entry["file"]
         if not path.exists():
-            print(f"note: {path} is listed but gone; its {entry['rows']} examples will be redone")
+            rows = entry["rows"]
+            console.say(f"note: {path} is listed but gone; its {rows} examples will be redone")
             continue
         ids = shard_ids(path)
         twice = [i for i in ids if i in owner]
@@ -216,12 +215,13 @@ def shard_ids(path: Path) -> list[str]:
 
 
 def plan_work(
-    cfg, tokenizer, examples, rejects, done, processor=None, max_len: int | None = None
-) -> tuple[list, dict]:
-    """The examples the teacher still has to answer, with their prompt token ids.
+    cfg, tokenizer, examples, done, processor=None, max_len: int | None = None
+) -> tuple[list, dict, list[Reject]]:
+    """The examples the teacher still has to answer, with their prompt token ids; counts; and
+    the examples set aside before any engine starts.
 
     Prompts are rendered here, up front: a dialogue that cannot fit the teacher's context becomes
-    a reject (appended to `rejects`) instead of an engine error halfway through a shard. With a
+    a reject instead of an engine error halfway through a shard. With a
     vision-language teacher (`processor`) each example's media are loaded here too, so a missing
     or corrupt file is a reject before any engine starts (the frames are loaded again per shard,
     rather than held in memory for the whole run)."""
@@ -235,6 +235,7 @@ def plan_work(
     # the analysis prompt's worked example: this bound covers both turns.
     budget = cfg.teacher.max_new_tokens * turns + prompts.ANALYSIS_MAX_TOKENS
     pending: list[tuple[Example, list[int]]] = []
+    rejects: list[Reject] = []
     # `limit` is the first N distinct examples of the inputs, done or not: a killed and resumed
     # `--limit 40` run ends with the same 40 as an uninterrupted one.
     limit = cfg.teacher_cache.limit
@@ -281,7 +282,7 @@ def plan_work(
             continue
         pending.append((ex, ids))
     counts = {"duplicates_in_inputs": duplicates, "already_cached": already, "deferred": deferred}
-    return pending, counts
+    return pending, counts, rejects
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -296,7 +297,7 @@ def context_length(cfg: PipelineConfig) -> int:
     text = AutoConfig.from_pretrained(cfg.teacher.model).get_text_config()
     limit = getattr(text, "max_position_embeddings", None)
     if limit is not None and asked > limit:
-        print(
+        console.say(
             f"note: teacher.engine.max_model_len {asked} > the model's {limit} positions; "
             f"using {limit}"
         )
@@ -357,8 +358,12 @@ def start_engine(
         engine["worker_extension_cls"] = f"{__name__}.ReplyFeatures"
         # The capture wraps the V1 model runner's forward (the CPU build's only runner; on GPUs
         # vLLM may pick its V2 runner, which is laid out differently). Read by the engine's
-        # worker processes, which inherit this environment.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        # worker processes, which inherit this environment, and by the engine itself while it
+        # runs: set for the engine's lifetime (stop_engine removes it), so that other engines
+        # of the same process (evaluate's, in `pipeline run`) choose their runner themselves.
+        if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            _ENGINE_ENV.add("VLLM_USE_V2_MODEL_RUNNER")
     gen = None
     try:
         gen = LLM(str(cfg.teacher.model), **engine)
@@ -370,6 +375,11 @@ def start_engine(
         # vLLM's own cause, not only its first line ("1 validation error for ModelConfig")
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         cause = "; ".join(lines[:3])[:400]
+        # With its core in a child process, vLLM raises only "see root cause above": the
+        # cause is the child's last error line in the log.
+        logged = console.last_error_line()
+        if logged and logged not in cause:
+            cause = f"{cause}; the log's last error: {logged}"
         hint = ""
         if any(w in cause.lower() for w in ("memory", "kv cache", "cache blocks")):
             hint = (
@@ -377,7 +387,7 @@ def start_engine(
                 "gpu_memory_utilization on GPUs) or stop other jobs"
             )
         raise PipelineError(
-            f"the vLLM engine did not start: {cause} (its log is above){hint}"
+            f"the vLLM engine did not start: {cause} ({console.where_logs_are()}){hint}"
         ) from None
     return gen
 
@@ -394,10 +404,17 @@ def check_teacher_engine(cfg: PipelineConfig) -> None:
 
 
 def stop_engine(llm) -> None:
-    """Shut the engine's worker processes down now (their memory is freed before we return)."""
+    """Shut the engine's worker processes down now (their memory is freed before we return),
+    and take back the environment start_engine set for it."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None:
         core.shutdown()
+    for name in _ENGINE_ENV:
+        os.environ.pop(name, None)
+    _ENGINE_ENV.clear()
+
+
+_ENGINE_ENV: set[str] = set()  # variables start_engine added for the running engine
 
 
 TESTED_VLLM = "0.32"  # the release the feature capture was written against (the CPU build's)
@@ -946,7 +963,7 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     # Only now: a refused run must not leave its settings as the description of the cache.
     write_resolved(cfg, out)
     manifest.update(describe_run(cfg))
-    done = finished_ids(out, manifest, settings)
+    done = reconcile_shards(out, manifest, settings)
     merge_rejects(out, [])  # what the writers of a killed run set aside, into rejects.jsonl
     # Examples the gate set aside in an earlier run stay set aside (their seeded attempts would
     # fail the same way): counted as rejects again, not asked again. Delete their lines from
@@ -956,7 +973,8 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     done |= {r.example_id for r in gated}
 
     max_len = context_length(cfg)  # once: the plan and the engine use the same cap
-    pending, counts = plan_work(cfg, tokenizer, examples, rejects, done, processor, max_len)
+    pending, counts, unfit = plan_work(cfg, tokenizer, examples, done, processor, max_len)
+    rejects += unfit
     counts["already_cached"] -= len(gated)  # each was counted once as done: it is a reject
     generated, new_shards, t_teacher, seconds = 0, [], 0.0, Counter()
     outcomes: Counter = Counter()
@@ -965,7 +983,7 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     if pending:
         check_teacher_engine(cfg)  # a typo is one line before the progress bar, not inside it
         where = f" on {workers} Ray workers" if tc.backend == "ray" else ""
-        print(
+        console.say(
             f"{len(pending)} new examples for the teacher in {len(units)} shards{where} "
             f"({counts['already_cached']} cached)"
         )
@@ -977,7 +995,7 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
             most = max(sum(per_entry[m["type"]] for m in ex.media) for ex, _ in pending)
             engine_args.update(extra_logprobs=len(extras), max_images=max(most, 1))
         t0 = time.time()
-        bar = tqdm(total=len(pending), desc="teacher", unit="ex")
+        bar = tqdm(total=len(pending), desc="teacher", unit="ex", file=console.err())
         sizes = {u.name: len(u.batch) for u in units}
         accepted = accepted_replies(out, manifest)
         for result in run_units(cfg, out, units, settings, accepted, engine_args):

@@ -13,7 +13,7 @@ and then its shard, and return only the shard's manifest entry; the driver is th
 Why nothing is lost or duplicated: a unit's shard is named after the example ids it was given
 (`schema.shard_name`), so a redone unit rewrites its own shard in place and two workers never
 pick the same name; each writer's temporary files carry its name; the driver adopts a shard that
-a kill left out of the manifest after checking its footer (`teacher_cache.finished_ids`).
+a kill left out of the manifest after checking its footer (`teacher_cache.reconcile_shards`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from shared import console
 from shared.config import PipelineConfig
 from shared.errors import PipelineError
 from shared.readers import Example, Reject
@@ -338,11 +339,12 @@ def _schedule(ray, actors, units, settings, rc, RayActorError, RayTaskError):
                         f"unit {unit.name} ({len(unit.batch)} examples, the first "
                         f"{unit.batch[0][0].origin}) was handed out {tries[unit.name]} times and "
                         f"its worker died each time ({cause}); look for the cause (memory?) in "
-                        "the worker's log above"
+                        f"the workers' log ({console.where_logs_are()})"
                     ) from None
                 tqdm.write(
                     f"note: Ray worker {names[id(actor)]} died ({cause}) during unit "
-                    f"{unit.name} ({len(unit.batch)} examples); it goes to the next free worker"
+                    f"{unit.name} ({len(unit.batch)} examples); it goes to the next free worker",
+                    file=console.err(),
                 )
                 queue.appendleft(unit)
                 fresh[id(actor)] = True

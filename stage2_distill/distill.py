@@ -34,10 +34,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shared import console
 from shared.config import LossWeights, PipelineConfig, load_config, open_output, write_resolved
 from shared.errors import PipelineError
 from shared.models import ensure_model, load_tokenizer, tokenizer_fingerprint
-from shared.schema import atomic_write_text, file_sha256, verify_cache
+from shared.schema import atomic_write_text, check_pairs, file_sha256, verify_cache
 from stage2_distill import losses, two_step
 from stage2_distill.batch import collate, encode_row, usable
 from stage2_distill.stream import ShardStream, check_shards
@@ -414,11 +415,11 @@ def prepare(cfg: PipelineConfig) -> Plan:
     if not manifest["shards"]:
         raise PipelineError(f"{d.shards}: the cache has no shards; run `pipeline teacher-cache`")
     if two:
-        two_step.check_pairs(d.shards, manifest)
+        check_pairs(d.shards, manifest)
     if "mmd" in method.terms and not manifest["settings"].get("feature_dim"):
         # The cache was built with features off.
         method = replace(method, terms=tuple(t for t in method.terms if t != "mmd"))
-        print(f"note: {d.shards} has no teacher features; training {d.method} without MMD")
+        console.say(f"note: {d.shards} has no teacher features; training {d.method} without MMD")
 
     rank, world = init_distributed()
     out, ckpt_dir = d.output, d.output / "checkpoints"
@@ -576,7 +577,13 @@ def train(run: Run) -> dict[str, Any]:
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
         atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     metrics = metrics_path.open("a", encoding="utf-8") if rank == 0 else None
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"distill {d.method}")
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=rank != 0,
+        desc=f"distill {d.method}",
+        file=console.err(),
+    )
     if step == 0 and method.boundary:  # e.g. sft-dpo with sft_steps=0: DPO from the base
         method.boundary(run, step)
     engine.train()
@@ -675,6 +682,9 @@ if __name__ == "__main__":
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher adds it
     args = parser.parse_args()
+    from shared.models import stay_offline
+
+    stay_offline()
     try:
         result = main(load_config(args.config, args.pipeline, args.overrides))
     except PipelineError as e:

@@ -177,10 +177,6 @@ class PrideStudent(nn.Module):
             features = self.proj(pooled.to(self.proj.weight.dtype))
         return {"logits": logits, "features": features}
 
-    def full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Logits at every position with no privileged input: what the exported model computes."""
-        return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
-
 
 def export_student(engine, tokenizer, folder: Path, rank: int) -> None:
     """Save the base model (no multi-source attention, no projection) and the tokenizer as a plain

@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -48,18 +47,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pred_rows", "pred_cols")
 def phase(sft_steps: int, step: int) -> str:
     """Which step the optimizer step `step` (0-based) belongs to."""
     return "sft" if step < sft_steps else "dpo"
-
-
-def check_pairs(folder: Path, manifest: dict) -> None:
-    """Refuse a cache without preference pairs (an answer-mode cache) before anything heavy."""
-    for entry in manifest["shards"]:
-        column = pq.read_table(Path(folder) / entry["file"], columns=["base_response"]).column(0)
-        if any((text or "").strip() for text in column.to_pylist()):
-            return
-    raise PipelineError(
-        f"{folder}: no row has a base_response, so there are no preference pairs for sft-dpo; "
-        "build an improve-mode cache (--set teacher_cache.mode=improve, its own output) first"
-    )
 
 
 def save_reference(engine, tokenizer, out: Path, rank: int) -> None:

@@ -1,7 +1,7 @@
 """`pipeline distill` end to end on a tiny random Llama (2 layers, hidden 64) with the real SmolLM2
 tokenizer, synthetic shards written through shared.schema, and the real DeepSpeed engine on the CPU.
 
-The helpers here (tiny model, synthetic cache, config) are also used by test_stream / test_student.
+The tiny student, the synthetic cache and the config come from the kit in conftest.py.
 """
 
 from __future__ import annotations
@@ -15,159 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import REPO, losses_by_step, make_cache, make_config, run
 
 from shared.config import load_config
 from shared.errors import PipelineError
 from shared.schema import (
     MANIFEST,
-    make_settings,
-    new_row,
     read_manifest,
     write_manifest,
-    write_shard,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-STUDENT = REPO / "models" / "smollm2-135m-student-6l"
-K, FEATURE_DIM = 4, 8
-WORDS = "sad happy lost job friend moved dog exam tired proud scared alone".split()
-
-
-@pytest.fixture(scope="session")
-def tiny_student(tmp_path_factory) -> Path:
-    """A random 2-layer Llama with the embedded student's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-student"
-    tok = AutoTokenizer.from_pretrained(STUDENT)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def settings_for(tokenizer, k: int = K, feature_dim: int | None = FEATURE_DIM) -> dict:
-    from shared.models import tokenizer_fingerprint
-
-    return make_settings(
-        teacher_weights_sha256="synthetic",
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        vocab_size=len(tokenizer),
-        top_k=k,
-        logprob_mode="raw_logprobs",
-        temperature=0.0,
-        top_p=1.0,
-        max_new_tokens=16,
-        sampling={},
-        reply_sampling=None,
-        prompt_template_sha256="synthetic",
-        feature_dim=feature_dim,
-        media=None,
-    )
-
-
-def synthetic_row(i: int, rng: np.random.Generator, k: int = K) -> dict:
-    words = lambda n: " ".join(rng.choice(WORDS, n))  # noqa: E731
-    n = int(rng.integers(3, 9))
-    reply = [int(t) for t in rng.integers(100, 2000, n)]
-    if i % 3 == 0:
-        reply[-1] = 2  # ends with <|im_end|>: its teacher distribution counts in the KL
-    ids, lps = [], []
-    for tok in reply:
-        others = [int(t) for t in rng.choice(np.arange(2000, 4000), k - 1, replace=False)]
-        ids.append([tok, *others])
-        lps.append(sorted((float(x) for x in -rng.exponential(2.0, k)), reverse=True))
-    privileged = {"situation": f"situation {words(6)}"}
-    if i % 2:
-        privileged["future"] = f"Listener: {words(8)}"
-    feats = rng.normal(size=FEATURE_DIM)
-    return new_row(
-        example_id=f"ex{i:05d}",
-        source="synthetic",
-        dialogue=[{"role": "speaker", "text": f"I feel {words(5)}."}],
-        privileged=list(privileged.items()),
-        emotion="sad",
-        reference=f"That sounds {words(4)}." if i % 5 else "",
-        teacher_response="synthetic",
-        teacher_parse_ok=i % 4 != 1,
-        teacher_context_token_ids=[1, 2, 3],
-        response_token_ids=reply,
-        topk_token_ids=ids,
-        topk_logprobs=lps,
-        target_logprob=[lp[0] for lp in lps],
-        teacher_features=[float(x) for x in feats / np.linalg.norm(feats)],
-    )
-
-
-def make_cache(
-    folder: Path, tokenizer, *, shards: int = 2, rows: int = 12, row_group_size: int = 4, k: int = K
-) -> list[str]:
-    """Write (more) synthetic shards and the manifest; returns the new shard names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = settings_for(tokenizer, k)
-    manifest = read_manifest(folder) or {"settings": settings, "shards": []}
-    new = []
-    for _ in range(shards):
-        index = len(manifest["shards"])
-        rng = np.random.default_rng(index)
-        batch = [synthetic_row(index * 1000 + j, rng, k) for j in range(rows)]
-        path = folder / f"shard-{index:05d}.parquet"
-        meta = {"pipeline_settings": json.dumps(settings)}
-        manifest["shards"].append(write_shard(batch, path, row_group_size, metadata=meta))
-        new.append(path.name)
-    manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
-    write_manifest(folder, manifest)
-    return new
-
-
-def make_config(tmp: Path, student: Path, shards: Path, output: Path, **distill):
-    doc = {
-        "pipelines": {
-            "t": {
-                "student": {"model": str(student)},
-                "distill": {
-                    "shards": str(shards),
-                    "output": str(output),
-                    "deepspeed": str(REPO / "configs" / "zero2.json"),
-                    "max_steps": 2,
-                    "micro_batch_size": 2,
-                    "shuffle_buffer": 4,
-                    "warmup_steps": 1,
-                    "privileged_max_tokens": 16,
-                    **distill,
-                },
-            }
-        }
-    }
-    path = tmp / "pipelines.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def run(tmp: Path, student: Path, shards: Path, output: Path, **distill) -> dict:
-    from stage2_distill.distill import main
-
-    return main(load_config(make_config(tmp, student, shards, output, **distill), "t"))
-
-
-def losses_by_step(output: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k not in ("seconds", "lr")} for r in rows}
 
 
 @pytest.fixture

@@ -15,15 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, make_config, settings_for, synthetic_row
 
 from shared.schema import write_manifest, write_shard
-from tests.test_distill import (  # noqa: F401  (tiny_student is a fixture)
-    make_config,
-    settings_for,
-    synthetic_row,
-    tiny_student,
-)
 
 pytestmark = pytest.mark.slow
 ROWS = 8
@@ -69,7 +63,7 @@ def torchrun(config: Path, port: int) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("method", ["pride", "sft-dpo"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_skewed_ranks_train_resume_and_export(tmp_path, tiny_student, method, stage):  # noqa: F811
+def test_skewed_ranks_train_resume_and_export(tmp_path, tiny_student, method, stage):
     from transformers import AutoModelForCausalLM
 
     from shared.models import load_tokenizer

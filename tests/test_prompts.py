@@ -83,10 +83,10 @@ def test_the_reply_turn_is_the_plain_chat_turn_plus_the_feelings_step(tiny_token
 
 
 def test_template_hash_is_stable_and_sensitive(monkeypatch):
-    h = prompts.template_sha256()
-    assert h == prompts.template_sha256()
+    h = prompts.template_sha256(prompts.template_text())
+    assert h == prompts.template_sha256(prompts.template_text())
     monkeypatch.setattr(prompts, "TEACHER_SYSTEM", prompts.TEACHER_SYSTEM + " ")
-    assert prompts.template_sha256() != h
+    assert prompts.template_sha256(prompts.template_text()) != h
 
 
 def test_improve_prompts_for_every_strategy(tiny_tokenizer):

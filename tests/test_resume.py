@@ -12,36 +12,36 @@ from shared.schema import read_manifest
 
 
 def test_a_rerun_repairs_or_names_what_a_kill_or_a_hand_left(cache, capsys):
-    """teacher-cache's view of its own folder (finished_ids): a gone shard is redone, a damaged
-    one or an unlisted copy of cached examples stops the run naming the file."""
+    """teacher-cache's view of its own folder (reconcile_shards): a gone shard is redone, a
+    damaged one or an unlisted copy of cached examples stops the run naming the file."""
     import shutil
 
-    from stage1_teacher.teacher_cache import finished_ids, gate_rejects
+    from stage1_teacher.teacher_cache import gate_rejects, reconcile_shards
 
     manifest = read_manifest(cache)
-    assert finished_ids(cache, manifest, settings()) == {"id0", "id10", "id1", "id11"}
+    assert reconcile_shards(cache, manifest, settings()) == {"id0", "id10", "id1", "id11"}
     (cache / "shard-00001.parquet").unlink()
     manifest = read_manifest(cache)
-    assert finished_ids(cache, manifest, settings()) == {"id0", "id10"}  # the rest is redone
+    assert reconcile_shards(cache, manifest, settings()) == {"id0", "id10"}  # the rest is redone
     assert [e["file"] for e in manifest["shards"]] == ["shard-00000.parquet"]
     assert "listed but gone" in capsys.readouterr().out
     shutil.copy(cache / "shard-00000.parquet", cache / "shard-00007.parquet")
     with pytest.raises(PipelineError, match="already in shard-00000.parquet"):
-        finished_ids(cache, read_manifest(cache), settings())
+        reconcile_shards(cache, read_manifest(cache), settings())
     (cache / "shard-00007.parquet").write_bytes(b"not parquet")
     with pytest.raises(PipelineError, match="shard-00007.parquet: damaged or not a shard"):
-        finished_ids(cache, read_manifest(cache), settings())
+        reconcile_shards(cache, read_manifest(cache), settings())
     # two listed shards that hold the same example: the merge refuses, naming both
     manifest = read_manifest(cache)
     manifest["shards"].append({**manifest["shards"][0], "file": "shard-00007.parquet"})
     shutil.copy(cache / "shard-00000.parquet", cache / "shard-00007.parquet")
     with pytest.raises(PipelineError, match="id0 is in both shard-00000.parquet and shard-00007"):
-        finished_ids(cache, manifest, settings())
+        reconcile_shards(cache, manifest, settings())
     (cache / "shard-00007.parquet").unlink()
     data = (cache / "shard-00000.parquet").read_bytes()
     (cache / "shard-00000.parquet").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(PipelineError, match="shard-00000.parquet: damaged"):
-        finished_ids(cache, read_manifest(cache), settings())
+        reconcile_shards(cache, read_manifest(cache), settings())
     (cache / "rejects.jsonl").write_text('{"origin": "a", "reason": "b"}\n{oops\n')
     with pytest.raises(PipelineError, match="line 2 is not a reject record"):
         gate_rejects(cache, {"x"})
@@ -77,13 +77,13 @@ def test_limit_is_the_first_n_examples_so_a_resumed_run_equals_an_uninterrupted_
     tok = AutoTokenizer.from_pretrained(embedded_teacher)
     examples, _ = read_examples(DATA / "ed_sample.csv")
     ids = [e.example_id for e in examples]
-    pending, counts = plan_work(cfg, tok, examples, [], set())
+    pending, counts, _ = plan_work(cfg, tok, examples, set())
     assert [e.example_id for e, _ in pending] == ids[:4]
     killed = set(ids[:2])  # a run killed after its first shard
-    pending, counts = plan_work(cfg, tok, examples, [], killed)
+    pending, counts, _ = plan_work(cfg, tok, examples, killed)
     assert [e.example_id for e, _ in pending] == ids[2:4]  # not ids[2:6]
     assert counts["deferred"] == len(ids) - 4
-    assert plan_work(cfg, tok, examples, [], set(ids[:4]))[0] == []
+    assert plan_work(cfg, tok, examples, set(ids[:4]))[0] == []
 
 
 def test_one_writer_per_folder_and_a_stale_lock_is_taken_over(tmp_path):

@@ -8,13 +8,13 @@ import json
 
 import pytest
 import yaml
+from conftest import REPO, make_cache
 
 from shared.config import load_config, write_resolved
-from tests.test_distill import REPO, make_cache, tiny_student  # noqa: F401  (fixture)
 
 
 @pytest.fixture
-def pipeline(tmp_path, tiny_student, monkeypatch):  # noqa: F811
+def pipeline(tmp_path, tiny_student, monkeypatch):
     """A config whose cache is synthetic, and a log of the stage calls."""
     from evaluation import evaluate
     from shared.models import load_tokenizer
@@ -68,7 +68,7 @@ def statuses(summary) -> dict[str, str]:
     return {row["stage"]: row["status"].split(" ")[0] for row in summary["stages"]}
 
 
-def test_run_skips_complete_stages(tmp_path, tiny_student, pipeline):  # noqa: F811
+def test_run_skips_complete_stages(tmp_path, tiny_student, pipeline):
     import run_pipeline
     from shared.models import load_tokenizer
 

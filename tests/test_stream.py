@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import itertools
 
+from conftest import make_cache
+
 from shared.schema import read_manifest
 from stage2_distill.stream import ShardStream
-from tests.test_distill import make_cache, tiny_student  # noqa: F401  (fixture)
 
 
 def _ids(stream, n):
     return [row["example_id"] for row in itertools.islice(stream, n)]
 
 
-def _cache(tmp_path, tiny_student, **kw):  # noqa: F811
+def _cache(tmp_path, tiny_student, **kw):
     from shared.models import load_tokenizer
 
     folder = tmp_path / "cache"
@@ -21,7 +22,7 @@ def _cache(tmp_path, tiny_student, **kw):  # noqa: F811
     return folder, read_manifest(folder)["shards"]
 
 
-def test_one_pass_is_a_permutation_and_seeded(tmp_path, tiny_student):  # noqa: F811
+def test_one_pass_is_a_permutation_and_seeded(tmp_path, tiny_student):
     folder, shards = _cache(tmp_path, tiny_student, shards=3, rows=10, row_group_size=3)
     first = _ids(ShardStream(folder, shards, seed=1, buffer_size=5), 30)
     assert sorted(first) == sorted(f"ex{s * 1000 + j:05d}" for s in range(3) for j in range(10))
@@ -29,7 +30,7 @@ def test_one_pass_is_a_permutation_and_seeded(tmp_path, tiny_student):  # noqa: 
     assert first != _ids(ShardStream(folder, shards, seed=2, buffer_size=5), 30)
 
 
-def test_ranks_read_disjoint_parts(tmp_path, tiny_student):  # noqa: F811
+def test_ranks_read_disjoint_parts(tmp_path, tiny_student):
     folder, shards = _cache(tmp_path, tiny_student, shards=2, rows=12, row_group_size=3)
     a = ShardStream(folder, shards, rank=0, world_size=2, buffer_size=4)
     b = ShardStream(folder, shards, rank=1, world_size=2, buffer_size=4)
@@ -37,7 +38,7 @@ def test_ranks_read_disjoint_parts(tmp_path, tiny_student):  # noqa: F811
     assert not ids_a & ids_b and len(ids_a | ids_b) == 24
 
 
-def test_restored_state_continues_exactly(tmp_path, tiny_student):  # noqa: F811
+def test_restored_state_continues_exactly(tmp_path, tiny_student):
     folder, shards = _cache(tmp_path, tiny_student, shards=2, rows=10, row_group_size=3)
     keep = lambda row: row["example_id"] != "ex00004"  # noqa: E731
     whole = _ids(ShardStream(folder, shards, seed=3, buffer_size=4, keep=keep), 50)
@@ -49,7 +50,7 @@ def test_restored_state_continues_exactly(tmp_path, tiny_student):  # noqa: F811
     assert "ex00004" not in whole
 
 
-def test_new_shards_are_read_next(tmp_path, tiny_student):  # noqa: F811
+def test_new_shards_are_read_next(tmp_path, tiny_student):
     from shared.models import load_tokenizer
 
     folder, shards = _cache(tmp_path, tiny_student, shards=2, rows=8, row_group_size=4)

@@ -7,7 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stage2_distill.student import PrideStudent, export_student
-from tests.test_distill import tiny_student  # noqa: F401  (fixture)
 
 
 class _Engine:
@@ -40,13 +39,14 @@ def _inputs():
     return ids, mask
 
 
-def test_no_privileged_input_changes_nothing_and_export_matches(tmp_path, tiny_student):  # noqa: F811
+def test_no_privileged_input_changes_nothing_and_export_matches(tmp_path, tiny_student):
     model = _student(tiny_student)
     plain = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
     ids, mask = _inputs()
     rows, cols = torch.tensor([0, 0, 1]), torch.tensor([3, 4, 8])
     with torch.no_grad():
-        wrapped = model.full_logits(ids, mask)
+        # every position, no privileged input: what the exported model computes
+        wrapped = model.base(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(wrapped, plain(input_ids=ids, attention_mask=mask).logits)
         picked = model(ids, mask, rows, cols)["logits"]
         assert torch.allclose(picked, wrapped[rows, cols], atol=1e-6)  # same values, other matmul
@@ -62,7 +62,7 @@ def test_no_privileged_input_changes_nothing_and_export_matches(tmp_path, tiny_s
         assert torch.equal(exported(input_ids=ids, attention_mask=mask).logits, wrapped)
 
 
-def test_gates_start_at_zero_and_features_are_pooled(tiny_student):  # noqa: F811
+def test_gates_start_at_zero_and_features_are_pooled(tiny_student):
     torch.manual_seed(0)
     model = PrideStudent(
         AutoModelForCausalLM.from_pretrained(tiny_student), sources=["situation"], feature_dim=8

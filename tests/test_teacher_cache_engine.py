@@ -154,7 +154,10 @@ def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     ed = DATA / "ed_sample.csv"
     n_ex, n_rej = (len(x) for x in read_examples(ed))
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     summary = teacher_cache.main(make_cfg(tiny_teacher, [ed], out))
+    # the runner choice was the engine's alone: other engines of the process choose their own
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
 
     assert summary["examples_read"] == n_ex + n_rej
     assert summary["accepted"] + summary["rejected"] == summary["examples_read"]
@@ -257,7 +260,8 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_teacher, tmp_path):
 
 
 def test_embedded_teacher_through_the_cli(embedded_teacher, tmp_path):
-    """The embedded default end to end on three demo examples, checked against transformers."""
+    """The embedded default end to end on three demo examples, checked against transformers;
+    the console shows the command's own lines, the engine's logs go to the cache's log file."""
     out = tmp_path / "cache"
     cmd = [
         sys.executable,
@@ -276,6 +280,11 @@ def test_embedded_teacher_through_the_cli(embedded_teacher, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "teacher-cache summary" in result.stdout and "bytes per reply token" in result.stdout
+    # A quiet console: the engine's INFO logs are in the log file the summary names, not here.
+    log = out / "teacher-cache.log"
+    assert f"log  {log}" in result.stdout or str(log) in result.stdout
+    assert "non-default args" in log.read_text() and "non-default args" not in result.stdout
+    assert " INFO " not in result.stdout + result.stderr
     rows = shard_rows(out)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     gated = [r for r in rejects if r.get("example_id")]

@@ -9,17 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import losses_by_step, make_cache, run, settings_for, synthetic_row
 
 from shared.errors import PipelineError
 from shared.schema import write_manifest, write_shard
-from tests.test_distill import (  # noqa: F401  (tiny_student is a fixture)
-    losses_by_step,
-    make_cache,
-    run,
-    settings_for,
-    synthetic_row,
-    tiny_student,
-)
 
 DPO_KEYS = {"step", "dpo", "reward_margin", "reward_accuracy", "loss"}
 
@@ -42,7 +35,7 @@ def make_pair_cache(folder: Path, tokenizer, *, rows: int = 4) -> Path:
 
 
 @pytest.fixture
-def pairs(tmp_path, tiny_student) -> Path:  # noqa: F811
+def pairs(tmp_path, tiny_student) -> Path:
     from shared.models import load_tokenizer
 
     return make_pair_cache(tmp_path / "pairs", load_tokenizer(tiny_student))
@@ -57,7 +50,7 @@ SETTINGS = {
 }
 
 
-def test_sft_then_dpo_trains_both_steps_and_exports(tmp_path, tiny_student, pairs):  # noqa: F811
+def test_sft_then_dpo_trains_both_steps_and_exports(tmp_path, tiny_student, pairs):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
@@ -80,7 +73,7 @@ def test_sft_then_dpo_trains_both_steps_and_exports(tmp_path, tiny_student, pair
     assert set(final.state_dict()) == set(plain.state_dict())
 
 
-def test_sft_on_originals_trains_on_both_replies(tmp_path, tiny_student, pairs):  # noqa: F811
+def test_sft_on_originals_trains_on_both_replies(tmp_path, tiny_student, pairs):
     out = tmp_path / "out"
     settings = {**SETTINGS, "sft_steps": 1, "dpo_steps": 1, "sft_on_originals": True}
     run(tmp_path, tiny_student, pairs, out, **settings)
@@ -88,7 +81,7 @@ def test_sft_on_originals_trains_on_both_replies(tmp_path, tiny_student, pairs):
     assert set(steps[1]) == {"step", "ce", "loss"} and set(steps[2]) == DPO_KEYS
 
 
-def test_resume_in_the_dpo_step_equals_uninterrupted(tmp_path, tiny_student, pairs, monkeypatch):  # noqa: F811
+def test_resume_in_the_dpo_step_equals_uninterrupted(tmp_path, tiny_student, pairs, monkeypatch):
     """Checkpoints at 2 (the switch), 4, 6; stop after step 5, resume from 4 (inside DPO)."""
     from stage2_distill import distill
 
@@ -114,7 +107,7 @@ def test_resume_in_the_dpo_step_equals_uninterrupted(tmp_path, tiny_student, pai
             assert split[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
-def test_refuses_a_cache_without_pairs(tmp_path, tiny_student):  # noqa: F811
+def test_refuses_a_cache_without_pairs(tmp_path, tiny_student):
     from shared.models import load_tokenizer
 
     answers = tmp_path / "answers"
