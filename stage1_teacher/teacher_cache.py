@@ -1025,7 +1025,8 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     total_tokens = sum(e["reply_tokens"] for e in manifest["shards"])
     summary = {
         "examples_read": n_read,
-        "accepted": n_read - len(rejects),
+        # examples past --limit are neither: counted as `deferred`
+        "accepted": n_read - len(rejects) - counts["deferred"],
         "rejected": len(rejects),
         **counts,
         # the quality gate, over this run's teacher work

@@ -285,6 +285,17 @@ def test_embedded_teacher_through_the_cli(embedded_teacher, tmp_path):
     assert f"log  {log}" in result.stdout or str(log) in result.stdout
     assert "non-default args" in log.read_text() and "non-default args" not in result.stdout
     assert " INFO " not in result.stdout + result.stderr
+    # the examples past --limit are deferred, neither accepted nor rejected
+    counts = {
+        k: int(v)
+        for k, v in (
+            line.strip().rsplit("  ", 1) for line in result.stdout.splitlines() if "  " in line
+        )
+        if k.strip() in ("examples read", "accepted", "rejected", "deferred")
+    }
+    counts = {k.strip(): v for k, v in counts.items()}
+    assert counts["accepted"] + counts["rejected"] + counts["deferred"] == counts["examples read"]
+    assert counts["accepted"] <= 3
     rows = shard_rows(out)
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     gated = [r for r in rejects if r.get("example_id")]
