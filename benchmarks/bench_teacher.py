@@ -50,7 +50,7 @@ def main() -> None:
 
     from shared import prompts
     from shared.config import load_config
-    from shared.models import ensure_model, load_tokenizer
+    from shared.models import check_model, load_tokenizer
     from stage1_teacher import quality, teacher_cache
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +65,7 @@ def main() -> None:
         no_gate = load_config(
             args.config, args.pipeline, [*overrides, f"teacher_cache.output={tmp}/ng", *gate_off]
         )
-        ensure_model(cfg.teacher.model)
+        check_model(cfg.teacher.model)
         tok = load_tokenizer(cfg.teacher.model)
         examples, _ = teacher_cache.read_inputs(cfg)
         examples = examples[: args.limit] if args.limit else examples

@@ -35,7 +35,7 @@ from shared.config import (
     write_resolved,
 )
 from shared.errors import PipelineError
-from shared.models import check_engine_settings, ensure_model, load_tokenizer
+from shared.models import check_engine_settings, check_model, load_tokenizer
 from shared.readers import Example, Reject, read_examples
 from shared.schema import atomic_write_text
 
@@ -48,14 +48,14 @@ def model_folders(cfg: PipelineConfig) -> dict[str, Path]:
     folders = {}
     for spec in cfg.evaluate.models:
         name, target = split_model_spec(spec)
-        folders[name] = ensure_model(keyword[target] if target in MODEL_KEYWORDS else Path(target))
+        folders[name] = check_model(keyword[target] if target in MODEL_KEYWORDS else Path(target))
     return folders
 
 
 def judge_folder(cfg: PipelineConfig) -> Path:
     j = cfg.evaluate.judge
     keyword = {"teacher": cfg.teacher.model, "student": cfg.student.model}
-    return ensure_model(keyword.get(j) or Path(j))
+    return check_model(keyword.get(j) or Path(j))
 
 
 def read_inputs(cfg: PipelineConfig) -> tuple[list[Example], list[Reject], int]:

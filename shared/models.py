@@ -130,31 +130,76 @@ def build_student(teacher_folder: Path, folder: Path, n_keep: int) -> None:
     _finish(tmp, folder, f"layers {keep} of {teacher_folder.name}")
 
 
-def ensure_model(folder: Path) -> Path:
-    """A usable model folder; the embedded default's folders are built when missing or corrupt."""
-    folder = Path(folder)
-    name = folder.name
-    if name == TINY_VLM_NAME:
-        return ensure_tiny_vlm(folder)
-    embedded = name == TEACHER_NAME or (name.startswith(STUDENT_PREFIX) and name.endswith("l"))
-    if not embedded:
-        if not (folder / "config.json").is_file():
-            raise PipelineError(
-                f"model folder {folder} not found (no config.json); set teacher.model / "
-                "student.model to a Hugging Face model folder"
-            )
-        return folder
-    if _intact(folder):
-        return folder
+def embedded_recipe(folder: Path) -> str | None:
+    """Which embedded model a folder's name asks for (`teacher`, `student`, `tiny-vlm`), if any."""
+    name = Path(folder).name
     if name == TEACHER_NAME:
-        console.say(f"building the embedded teacher in {folder} (once, ~30 s)")
-        build_teacher(folder)
-    else:
-        n_keep = int(name[len(STUDENT_PREFIX) : -1])
-        teacher = ensure_model(folder.with_name(TEACHER_NAME))
-        console.say(f"building the embedded student in {folder} ({n_keep} layers)")
-        build_student(teacher, folder, n_keep)
+        return "teacher"
+    if name == TINY_VLM_NAME:
+        return "tiny-vlm"
+    if (
+        name.startswith(STUDENT_PREFIX)
+        and name.endswith("l")
+        and name[len(STUDENT_PREFIX) : -1].isdigit()
+    ):
+        return "student"
+    return None
+
+
+def check_model(folder: Path) -> Path:
+    """A usable model folder, checked and never changed: it must hold a config.json, and a
+    folder `pipeline setup-models` built must still match the weight hashes it recorded. The
+    embedded models are built only by that command (the set-up script runs it)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        hint = (
+            "; it is an embedded model: build it with `pipeline setup-models` (the set-up "
+            "script does)"
+            if embedded_recipe(folder)
+            else "; set teacher.model / student.model to a Hugging Face model folder"
+        )
+        raise PipelineError(f"model folder {folder} not found (no config.json){hint}")
+    if (folder / MARKER).is_file() and not _intact(folder):
+        raise PipelineError(
+            f"model folder {folder}: its weights no longer match the hashes recorded when "
+            "`pipeline setup-models` built it (damaged or edited); run `pipeline setup-models "
+            "--rebuild` to build it again"
+        )
     return folder
+
+
+def build_model(folder: Path, rebuild: bool = False) -> bool:
+    """Build the embedded model a folder's name asks for; True if it was built. A folder this
+    command built is kept when intact (rebuilt when damaged, or with `rebuild`); any other
+    existing folder is never touched."""
+    folder = Path(folder)
+    recipe = embedded_recipe(folder)
+    if recipe is None:
+        raise PipelineError(f"{folder}: not an embedded model's name; nothing to build")
+    ours = (folder / MARKER).is_file()
+    if folder.exists() and not ours and (not folder.is_dir() or any(folder.iterdir())):
+        raise PipelineError(
+            f"{folder} exists and was not built by `pipeline setup-models`: left as it is; "
+            "move it away to have the embedded model built there"
+        )
+    if ours and not rebuild and _intact(folder):
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if recipe == "teacher":
+        console.say(f"building the embedded teacher in {folder} (~30 s)")
+        build_teacher(folder)
+    elif recipe == "student":
+        teacher = folder.with_name(TEACHER_NAME)
+        build_model(teacher)
+        n_keep = int(folder.name[len(STUDENT_PREFIX) : -1])
+        console.say(f"building the embedded student in {folder} ({n_keep} layers)")
+        build_student(check_model(teacher), folder, n_keep)
+    else:
+        teacher = folder.with_name(TEACHER_NAME)
+        build_model(teacher)
+        console.say(f"building the tiny random vision-language teacher in {folder}")
+        build_tiny_vlm(check_model(teacher), folder)
+    return True
 
 
 def model_sha256(folder: Path) -> str:
@@ -322,16 +367,6 @@ def build_tiny_vlm(text_folder: Path, folder: Path, seed: int = 0) -> None:
         }
         save_file(renamed, path, metadata={"format": "pt"})
     _finish(tmp, folder, f"tiny random LLaVA, seed {seed}, tokenizer of {text_folder.name}")
-
-
-def ensure_tiny_vlm(folder: Path) -> Path:
-    """The tiny VLM folder, built on first use (and rebuilt when missing or corrupt)."""
-    folder = Path(folder)
-    if not _intact(folder):
-        text_folder = ensure_model(folder.with_name(TEACHER_NAME))
-        console.say(f"building the tiny random vision-language teacher in {folder}")
-        build_tiny_vlm(text_folder, folder)
-    return folder
 
 
 def is_multimodal(folder: Path) -> bool:

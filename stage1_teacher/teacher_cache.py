@@ -43,7 +43,7 @@ from shared.errors import PipelineError
 from shared.media import MediaError, load_media
 from shared.models import (
     check_engine_settings,
-    ensure_model,
+    check_model,
     is_multimodal,
     load_processor,
     load_tokenizer,
@@ -947,7 +947,7 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
 
     examples, rejects = read_inputs(cfg)
     n_read = len(examples) + len(rejects)
-    ensure_model(cfg.teacher.model)
+    check_model(cfg.teacher.model)
     tokenizer, processor, settings = teacher_settings(cfg)
 
     manifest = read_manifest(out)

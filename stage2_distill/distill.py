@@ -37,7 +37,7 @@ import torch.distributed as dist
 from shared import console
 from shared.config import LossWeights, PipelineConfig, load_config, open_output, write_resolved
 from shared.errors import PipelineError
-from shared.models import ensure_model, load_tokenizer, tokenizer_fingerprint
+from shared.models import check_model, load_tokenizer, tokenizer_fingerprint
 from shared.schema import atomic_write_text, check_pairs, file_sha256, verify_cache
 from stage2_distill import losses, two_step
 from stage2_distill.batch import collate, encode_row, usable
@@ -403,7 +403,7 @@ def prepare(cfg: PipelineConfig) -> Plan:
     method = METHODS[d.method]
     two = d.method == "sft-dpo"
     open_output(d.output, "distill.output")  # on every rank, before any heavy work
-    student_dir = ensure_model(cfg.student.model)
+    student_dir = check_model(cfg.student.model)
     tokenizer = load_tokenizer(student_dir)
     manifest = verify_cache(
         d.shards,

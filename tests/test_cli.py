@@ -65,3 +65,17 @@ def test_output_made_with_other_settings_is_refused(tmp_path, embedded_teacher):
 
 def test_inspect_refuses_a_folder_that_is_not_a_cache(tmp_path):
     assert_one_line_error(run("inspect", str(tmp_path)), "not a teacher cache")
+
+
+def test_setup_models_keeps_intact_builds_and_refuses_foreign_folders(tmp_path, embedded_models):
+    result = run("setup-models", "--pipeline", "demo")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("intact") == 2  # the demo's teacher and student, built already
+    foreign = tmp_path / "models" / "smollm2-135m-student-4l"
+    foreign.mkdir(parents=True)
+    (foreign / "weights.bin").write_bytes(b"mine")
+    config = tmp_path / "p.yaml"
+    config.write_text(f"pipelines:\n  mine:\n    student:\n      model: {foreign}\n")
+    result = run("setup-models", "--config", str(config))
+    assert_one_line_error(result, "left as it is")
+    assert [p.name for p in foreign.iterdir()] == ["weights.bin"]

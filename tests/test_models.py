@@ -1,5 +1,7 @@
-"""The teacher's weight hash: computed once per file set, remembered, recomputed on a change."""
+"""Model folders: the teacher's weight hash (computed once per file set, remembered, recomputed
+on a change), and the embedded models built only on request, never over a user's folder."""
 
+import json
 import os
 
 import pytest
@@ -32,3 +34,37 @@ def test_weight_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
     assert models.model_sha256(folder) == second and len(calls) == 2
     with pytest.raises(models.PipelineError, match="no \\*.safetensors"):
         models.model_sha256(tmp_path)
+
+
+def test_models_are_checked_never_built_or_overwritten(tmp_path, embedded_models):
+    """check_model never builds; build_model (`pipeline setup-models`) builds only embedded
+    names, keeps an intact build, and never touches a folder it did not build."""
+    missing = tmp_path / models.TEACHER_NAME
+    with pytest.raises(models.PipelineError, match="pipeline setup-models"):
+        models.check_model(missing)
+    with pytest.raises(models.PipelineError, match="Hugging Face model folder"):
+        models.check_model(tmp_path / "my-teacher")
+    assert not missing.exists()
+
+    # a user's folder that happens to carry the embedded name: left exactly as it is
+    (missing / "config.json").parent.mkdir()
+    (missing / "config.json").write_text("{}")
+    with pytest.raises(models.PipelineError, match="left as it is"):
+        models.build_model(missing)
+    assert [p.name for p in missing.iterdir()] == ["config.json"]
+    assert models.check_model(missing) == missing  # not ours: only its config.json is asked for
+
+    # one we built whose weights changed since: refused, with the way out
+    ours = tmp_path / "smollm2-135m-student-2l"
+    ours.mkdir()
+    (ours / "config.json").write_text("{}")
+    (ours / "model.safetensors").write_bytes(b"x" * 100)
+    (ours / models.MARKER).write_text(json.dumps({"recipe": "r", "weights_sha256": "0" * 64}))
+    with pytest.raises(models.PipelineError, match="setup-models --rebuild"):
+        models.check_model(ours)
+
+    # the embedded folders the session built: intact, so nothing is built again
+    teacher, student = embedded_models
+    assert models.build_model(teacher) is False and models.build_model(student) is False
+    with pytest.raises(models.PipelineError, match="not an embedded model"):
+        models.build_model(tmp_path / "other")
