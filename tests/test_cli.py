@@ -75,7 +75,10 @@ def test_setup_models_keeps_intact_builds_and_refuses_foreign_folders(tmp_path, 
     foreign.mkdir(parents=True)
     (foreign / "weights.bin").write_bytes(b"mine")
     config = tmp_path / "p.yaml"
-    config.write_text(f"pipelines:\n  mine:\n    student:\n      model: {foreign}\n")
+    teacher = embedded_models[0]
+    config.write_text(
+        f"pipelines:\n  mine:\n    teacher: {{model: {teacher}}}\n    student: {{model: {foreign}}}\n"
+    )
     result = run("setup-models", "--config", str(config))
     assert_one_line_error(result, "left as it is")
     assert [p.name for p in foreign.iterdir()] == ["weights.bin"]
