@@ -76,9 +76,8 @@ def test_setup_models_keeps_intact_builds_and_refuses_foreign_folders(tmp_path, 
     (foreign / "weights.bin").write_bytes(b"mine")
     config = tmp_path / "p.yaml"
     teacher = embedded_models[0]
-    config.write_text(
-        f"pipelines:\n  mine:\n    teacher: {{model: {teacher}}}\n    student: {{model: {foreign}}}\n"
-    )
+    body = f"teacher: {{model: {teacher}}}, student: {{model: {foreign}}}"
+    config.write_text(f"pipelines:\n  mine: {{{body}}}\n")
     result = run("setup-models", "--config", str(config))
     assert_one_line_error(result, "left as it is")
     assert [p.name for p in foreign.iterdir()] == ["weights.bin"]
