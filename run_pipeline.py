@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from shared.config import STAGES, PipelineConfig
-from shared.schema import atomic_write_text
+from shared.files import atomic_write_text
 
 
 def distill_jobs(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:

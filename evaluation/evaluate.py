@@ -35,9 +35,9 @@ from shared.config import (
     write_resolved,
 )
 from shared.errors import PipelineError
+from shared.files import atomic_write_text
 from shared.models import check_engine_settings, check_model, load_tokenizer
 from shared.readers import Example, Reject, read_examples
-from shared.schema import atomic_write_text
 
 # ----------------------------------------------------------------------------- setup
 

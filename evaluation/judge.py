@@ -1,6 +1,6 @@
 """The pairwise LLM judge: which of two replies is more empathetic, asked in both orders.
 
-The judge reads `prompts.judge_prompt` (answer primed up to "Reply") and we compare its
+The judge reads `judge_prompt` (answer primed up to "Reply") and we compare its
 log-probabilities of the next tokens " A" and " B" (vLLM's `logprob_token_ids`): an answer never
 fails to parse, and a judge that cannot follow instructions simply shows up as a coin flip.
 
@@ -24,6 +24,46 @@ from shared.readers import read_examples
 
 Triple = tuple[list[dict], str, str]  # (dialogue, reply x, reply y)
 
+# --- the judge's prompt -------------------------------------------------------------------
+# The judge's answer is primed up to "Reply", so its very next token is " A" or " B"; the caller
+# compares the judge's log-probabilities of those two tokens, which always gives an answer.
+
+JUDGE_SYSTEM = (
+    "You are an expert in empathetic communication. You compare two replies that a listener "
+    "could give to a person who shared something with them."
+)
+
+JUDGE_USER = """Conversation:
+{dialogue}
+
+Reply A: {reply_a}
+
+Reply B: {reply_b}
+
+Which reply is more empathetic: which one better understands how the speaker feels, shows \
+warmth and care, and fits their situation? Answer A or B."""
+
+JUDGE_ANSWER_PREFIX = "The more empathetic reply is Reply"
+JUDGE_CHOICES = (" A", " B")
+
+
+def judge_prompt(tokenizer, dialogue: list[dict], reply_a: str, reply_b: str) -> str:
+    """The judge's prompt as text (chat template applied, answer primed up to the choice)."""
+    user = JUDGE_USER.format(
+        dialogue=prompts.render_dialogue(dialogue), reply_a=reply_a.strip(), reply_b=reply_b.strip()
+    )
+    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + JUDGE_ANSWER_PREFIX
+
+
+def judge_choice_ids(tokenizer) -> tuple[int, int]:
+    """Token ids of " A" and " B" for this judge's tokenizer (each must be a single token)."""
+    ids = [tokenizer.encode(c, add_special_tokens=False) for c in JUDGE_CHOICES]
+    if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
+        raise ValueError(f"the judge's tokenizer does not encode {JUDGE_CHOICES} as single tokens")
+    return ids[0][0], ids[1][0]
+
 
 def progress(label: str):
     """Pass as vLLM's `use_tqdm`: its request bar under our label. vLLM also wraps the prompt
@@ -46,12 +86,12 @@ def ask(
     from vllm import SamplingParams
 
     try:
-        ids_ab = prompts.judge_choice_ids(tokenizer)
+        ids_ab = judge_choice_ids(tokenizer)
     except ValueError as e:
         raise PipelineError(f"{e}; use another judge (evaluate.judge)") from None
     params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids_ab))
     encoded = [
-        tokenizer(prompts.judge_prompt(tokenizer, d, a, b), add_special_tokens=False)["input_ids"]
+        tokenizer(judge_prompt(tokenizer, d, a, b), add_special_tokens=False)["input_ids"]
         for d, a, b in items
     ]
     fits = [i for i, ids in enumerate(encoded) if len(ids) < max_len]

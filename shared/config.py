@@ -109,7 +109,7 @@ class StudentConfig(Strict):
 
 
 class MediaConfig(Strict):
-    """What a vision-language teacher sees of each media entry (shared/media.py)."""
+    """What a vision-language teacher sees of each media entry (stage1_teacher/media.py)."""
 
     frames: int = Field(8, ge=1)  # frames sampled evenly from each video (within start/end)
     image_size: int | None = Field(None, ge=1)  # scale the longer side down to this (None: keep)

@@ -302,47 +302,6 @@ def parse_teacher_output(generated: str) -> TeacherOutput:
     return TeacherOutput(emotion, full[:start].strip(), reply, first, first + len(reply), False)
 
 
-# --- the pairwise empathy judge (pipeline evaluate) --------------------------------------------
-# The judge's answer is primed up to "Reply", so its very next token is " A" or " B"; the caller
-# compares the judge's log-probabilities of those two tokens, which always gives an answer.
-
-JUDGE_SYSTEM = (
-    "You are an expert in empathetic communication. You compare two replies that a listener "
-    "could give to a person who shared something with them."
-)
-
-JUDGE_USER = """Conversation:
-{dialogue}
-
-Reply A: {reply_a}
-
-Reply B: {reply_b}
-
-Which reply is more empathetic: which one better understands how the speaker feels, shows \
-warmth and care, and fits their situation? Answer A or B."""
-
-JUDGE_ANSWER_PREFIX = "The more empathetic reply is Reply"
-JUDGE_CHOICES = (" A", " B")
-
-
-def judge_prompt(tokenizer, dialogue: list[dict], reply_a: str, reply_b: str) -> str:
-    """The judge's prompt as text (chat template applied, answer primed up to the choice)."""
-    user = JUDGE_USER.format(
-        dialogue=render_dialogue(dialogue), reply_a=reply_a.strip(), reply_b=reply_b.strip()
-    )
-    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + JUDGE_ANSWER_PREFIX
-
-
-def judge_choice_ids(tokenizer) -> tuple[int, int]:
-    """Token ids of " A" and " B" for this judge's tokenizer (each must be a single token)."""
-    ids = [tokenizer.encode(c, add_special_tokens=False) for c in JUDGE_CHOICES]
-    if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
-        raise ValueError(f"the judge's tokenizer does not encode {JUDGE_CHOICES} as single tokens")
-    return ids[0][0], ids[1][0]
-
-
 # --- targeted empathy improvement (Xie et al.; the prompts are this project's own) -------------
 # The teacher rewrites a base reply (the dataset's own, or its own first answer). Its answer is
 # primed with IMPROVED_PREFIX; "weakest" first names the dimension it will improve.

@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.errors import PipelineError
+from shared.files import atomic_write_text
 
 # 2: improvement_strategy + base_response; 3: features at predicting positions;
 # 4: the quality gate's teacher_attempt + quality_flags, and the `sampling` setting;
@@ -306,12 +307,6 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def bucket_kl(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:

@@ -154,8 +154,8 @@ def rescore(folder: Path, n: int, tol: Tolerance, seed: int = 0) -> tuple[str, b
     import pyarrow.parquet as pq
     import torch
 
-    from shared.media import MediaError, load_media
     from shared.models import is_multimodal, load_processor, model_sha256
+    from stage1_teacher.media import MediaError, load_media
 
     folder = Path(folder)
     manifest = verify_cache(folder)

@@ -10,7 +10,7 @@ it was predicted (pooled into the reply's feature vector for MMD): the reply was
 after exactly the context we store, so no second pass over the sequences is needed.
 
 A vision-language teacher (`teacher.model` holding a processor and a vision tower) also sees each
-example's images and video frames (`shared/media.py`) through vLLM's multimodal inputs; an example
+example's images and video frames (`media.py`) through vLLM's multimodal inputs; an example
 whose media cannot be loaded is rejected with the reason. For such rows
 `teacher_context_token_ids` are the prompt ids vLLM saw (image placeholders expanded), so
 re-scoring one needs its `media` too (the same frames: the manifest records the media settings);
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from shared import console, prompts
 from shared.config import PipelineConfig, open_output, write_resolved
 from shared.errors import PipelineError
-from shared.media import MediaError, load_media
+from shared.files import atomic_write_text
 from shared.models import (
     check_engine_settings,
     check_model,
@@ -56,7 +56,6 @@ from shared.readers import Example, Reject, read_examples
 from shared.schema import (
     REJECTS,
     SHARD_GLOB,
-    atomic_write_text,
     make_settings,
     new_row,
     read_manifest,
@@ -65,6 +64,7 @@ from shared.schema import (
     write_manifest,
 )
 from stage1_teacher import quality
+from stage1_teacher.media import MediaError, load_media
 from stage1_teacher.workers import run_units, split_units
 
 # ----------------------------------------------------------------------------- setup

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.media import MediaError, load_image, load_media, load_video
 from shared.readers import read_examples
+from stage1_teacher.media import MediaError, load_image, load_media, load_video
 
 av = pytest.importorskip("av")
 np = pytest.importorskip("numpy")

@@ -171,7 +171,7 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
     their int8 code step), and other pixels would have given other log-probabilities."""
     from transformers import LlavaForConditionalGeneration
 
-    from shared.media import load_media
+    from stage1_teacher.media import load_media
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = load_processor(model_dir)
