@@ -213,7 +213,7 @@ class DistillConfig(Strict):
     warmup_steps: int = Field(10, ge=0)  # linear warm-up, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)  # applied in the KL terms to the cached logprobs
-    top_k: int | None = Field(None, ge=1)  # the cache must have this k (None: any)
+    expect_top_k: int | None = Field(None, ge=1)  # refuse a cache of another k (None: any)
     weights: LossWeights = Field(default_factory=LossWeights)
     # Multi-source attention: one gated cross-attention per source, after this decoder layer
     # (None: the middle one). Sources absent from a row contribute nothing for that row.

@@ -576,8 +576,8 @@ def verify_cache(
         )
     if top_k is not None and s.get("top_k") != top_k:
         raise PipelineError(
-            f"{folder}: cache has top-k {s.get('top_k')} but {top_k} was asked for; "
-            "set the same k or rebuild the cache"
+            f"{folder}: cache has top-k {s.get('top_k')} but {top_k} was asked for "
+            "(distill.expect_top_k); set the same k, or rebuild the cache"
         )
     for entry in manifest.get("shards", []):
         path = folder / entry["file"]

@@ -364,14 +364,14 @@ def start_engine(
         if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
             _ENGINE_ENV.add("VLLM_USE_V2_MODEL_RUNNER")
-    gen = None
+    llm = None
     try:
-        gen = LLM(str(cfg.teacher.model), **engine)
+        llm = LLM(str(cfg.teacher.model), **engine)
         if cfg.teacher_cache.features:
-            gen.collective_rpc("start_reply_capture")
+            llm.collective_rpc("start_reply_capture")
     except (RuntimeError, ValueError) as e:
         # An engine that did start would keep its worker processes (and the job) alive.
-        stop_engine(gen)
+        stop_engine(llm)
         # vLLM's own cause, not only its first line ("1 validation error for ModelConfig")
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         cause = "; ".join(lines[:3])[:400]
@@ -389,7 +389,7 @@ def start_engine(
         raise PipelineError(
             f"the vLLM engine did not start: {cause} ({console.where_logs_are()}){hint}"
         ) from None
-    return gen
+    return llm
 
 
 def check_teacher_engine(cfg: PipelineConfig) -> None:
@@ -570,7 +570,7 @@ def generation_params(
     return SamplingParams(**{**settings, **extra})
 
 
-def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None, vocab=None):
+def answer_prompts(cfg, tokenizer, llm, batch, attempt: int = 0, processor=None, vocab=None):
     """The analysis turn of the answer mode: the teacher's step-by-step analysis of each example
     (its pending ids are the analysis prompt), then each example's reply-turn prompt ids, which
     hold that analysis. Returns the reply batch and the parsed analyses."""
@@ -595,7 +595,7 @@ def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None,
                 allowed_token_ids=list(range(vocab)) if extras else None,
             )
         )
-    outs = gen.generate(requests, params, use_tqdm=False)
+    outs = llm.generate(requests, params, use_tqdm=False)
     analyses, replies = [], []
     for (ex, _), request, out in zip(batch, requests, outs, strict=True):
         ids = out.outputs[0].token_ids
@@ -610,7 +610,7 @@ def answer_prompts(cfg, tokenizer, gen, batch, attempt: int = 0, processor=None,
 def teacher_rows(
     cfg: PipelineConfig,
     tokenizer,
-    gen,
+    llm,
     batch: list[tuple[Example, list[int]]],
     processor=None,
     vocab: int | None = None,
@@ -643,7 +643,7 @@ def teacher_rows(
         if not todo:
             break
         tried, n_gen = attempt_rows(
-            cfg, tokenizer, gen, [batch[i] for i in todo], attempt, processor, vocab, seconds
+            cfg, tokenizer, llm, [batch[i] for i in todo], attempt, processor, vocab, seconds
         )
         generated += n_gen
         retry, keep = [], []
@@ -682,7 +682,7 @@ def teacher_rows(
             keep.append(i)
             accepted[quality.normalise(row["teacher_response"])] += 1
             outcomes["accepted_first_try" if attempt == 0 else "accepted_after_retry"] += 1
-        pool_features(cfg, gen, [rows[i] for i in keep], seconds)
+        pool_features(cfg, llm, [rows[i] for i in keep], seconds)
         todo = retry
     rejects = [
         Reject(
@@ -698,7 +698,7 @@ def teacher_rows(
     return [rows[i] for i in sorted(rows)], rejects, generated, outcomes
 
 
-def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None, seconds=None):
+def attempt_rows(cfg, tokenizer, llm, batch, attempt, processor=None, vocab=None, seconds=None):
     """One generation for each example of `batch` (attempt `attempt`): [(row, base reply)], the
     generated token count. A row still lacks its features (`pool_features`) and carries
     `turn_problems`: what the gate found in an improve-mode exchange's earlier turns."""
@@ -727,16 +727,16 @@ def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None
     analyses = [None] * len(batch)
     t0 = time.time()
     if improve:
-        batch, bases, turn_problems = improvement_prompts(cfg, tokenizer, gen, batch, attempt)
+        batch, bases, turn_problems = improvement_prompts(cfg, tokenizer, llm, batch, attempt)
     else:
-        batch, analyses = answer_prompts(cfg, tokenizer, gen, batch, attempt, processor, vocab)
+        batch, analyses = answer_prompts(cfg, tokenizer, llm, batch, attempt, processor, vocab)
     requests = []
     for ex, ids in batch:
         request: dict[str, Any] = {"prompt_token_ids": ids}
         if processor is not None and ex.media:
             request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
         requests.append(request)
-    outs = gen.generate(requests, [params_for(ex) for ex, _ in batch], use_tqdm=False)
+    outs = llm.generate(requests, [params_for(ex) for ex, _ in batch], use_tqdm=False)
     seconds["generate"] += time.time() - t0
     tried, generated = [], 0
     for (ex, prompt_ids), out, base, problems, analysis in zip(
@@ -793,7 +793,7 @@ def attempt_rows(cfg, tokenizer, gen, batch, attempt, processor=None, vocab=None
     return tried, generated
 
 
-def pool_features(cfg: PipelineConfig, gen, rows: list[dict], seconds: Counter) -> None:
+def pool_features(cfg: PipelineConfig, llm, rows: list[dict], seconds: Counter) -> None:
     """Fill in the accepted rows' `teacher_features` from the hidden states the engine kept
     during their attempt's generation; the states of every other reply are dropped."""
     if not cfg.teacher_cache.features:
@@ -802,7 +802,7 @@ def pool_features(cfg: PipelineConfig, gen, rows: list[dict], seconds: Counter) 
     spans = {row["example_id"]: row["spans"] for row in rows}
     # One answer per worker: with tensor parallelism each holds the same (gathered) states,
     # with pipeline parallelism only the last stage holds any.
-    answers = gen.collective_rpc("pool_reply_features", args=(spans,))
+    answers = llm.collective_rpc("pool_reply_features", args=(spans,))
     pooled = {key: next((a[key] for a in answers if a[key]), None) for key in spans}
     missing = [key for key, feats in pooled.items() if feats is None]
     if missing:
@@ -816,7 +816,7 @@ def pool_features(cfg: PipelineConfig, gen, rows: list[dict], seconds: Counter) 
     seconds["features"] += time.time() - t0
 
 
-def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int = 0):
+def improvement_prompts(cfg: PipelineConfig, tokenizer, llm, batch, attempt: int = 0):
     """Improve mode: each example's final prompt, after the turns that come before it.
 
     With `improve.base=teacher` the pending ids are the usual reasoning prompt: the teacher answers
@@ -831,7 +831,7 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int
     def generate(ids_list: list[list[int]], turn: str) -> list[str]:
         extra = {} if turn == "base" else {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
         params = [generation_params(cfg, attempt, ex.example_id, **extra) for ex, _ in batch]
-        outs = gen.generate([{"prompt_token_ids": ids} for ids in ids_list], params, use_tqdm=False)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in ids_list], params, use_tqdm=False)
         texts = []
         for (ex, _), out, found in zip(batch, outs, problems, strict=True):
             o = out.outputs[0]
@@ -859,7 +859,7 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, gen, batch, attempt: int
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     if imp.base == "teacher":  # the teacher's own answer (both turns) is the base
-        replies, _ = answer_prompts(cfg, tokenizer, gen, batch, attempt)
+        replies, _ = answer_prompts(cfg, tokenizer, llm, batch, attempt)
         bases = generate([i for _, i in replies], "base")
     else:
         bases = [ex.reference for ex, _ in batch]

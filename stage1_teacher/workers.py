@@ -89,7 +89,7 @@ class CacheWorker:
         self.cfg, self.out, self.writer = cfg, Path(out), writer
         self.accepted = Counter(accepted)
         self.max_len, self.extra_logprobs, self.max_images = max_len, extra_logprobs, max_images
-        self.gen = None
+        self.llm = None
         self._settings: dict[str, Any] | None = None
         # A writer deletes only its own leftovers: another writer's file may be in flight.
         for tmp in self.out.glob(f".*.{writer}.tmp"):
@@ -136,7 +136,7 @@ class CacheWorker:
             # OpenMP runtime's spinning helper) would otherwise take another worker's core.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
             os.sched_setaffinity(0, {int(c) for c in cpu_bind.split(",")})
-        self.gen = start_engine(self.cfg, self.extra_logprobs, self.max_images, self.max_len)
+        self.llm = start_engine(self.cfg, self.extra_logprobs, self.max_images, self.max_len)
 
     def run(self, unit: Unit, seen: Counter | None = None, cpu_bind: str | None = None):
         """Answer one unit; its rejects are on disk before its shard (a kill in between at
@@ -144,7 +144,7 @@ class CacheWorker:
         from stage1_teacher.teacher_cache import teacher_rows
 
         seconds: Counter = Counter()
-        if self.gen is None:
+        if self.llm is None:
             t0 = time.time()
             self.start(cpu_bind)
             seconds["startup"] += time.time() - t0
@@ -153,7 +153,7 @@ class CacheWorker:
         rows, rejects, generated, outcomes = teacher_rows(
             self.cfg,
             self.tokenizer,
-            self.gen,
+            self.llm,
             unit.batch,
             self.processor,
             self._settings["vocab_size"],
@@ -177,8 +177,8 @@ class CacheWorker:
     def close(self) -> None:
         from stage1_teacher.teacher_cache import stop_engine
 
-        stop_engine(self.gen)
-        self.gen = None
+        stop_engine(self.llm)
+        self.llm = None
 
 
 def append_rejects(out: Path, writer: str, rejects: list[Reject]) -> None:

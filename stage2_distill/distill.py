@@ -386,7 +386,7 @@ class Run:
 
     cfg: PipelineConfig
     plan: Plan
-    model: Any  # the PrideStudent inside the engine
+    model: Any  # the Student inside the engine
     engine: Any
     stream: ShardStream
     make_batch: Callable[[list[dict], list[str]], dict]
@@ -410,7 +410,7 @@ def prepare(cfg: PipelineConfig) -> Plan:
         d.shards,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         vocab_size=len(tokenizer),
-        top_k=d.top_k,
+        top_k=d.expect_top_k,
     )
     check_shards(d.shards, manifest)
     if not manifest["shards"]:
@@ -479,14 +479,14 @@ def build(cfg: PipelineConfig, plan: Plan) -> Run:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from stage2_distill.student import PrideStudent
+    from stage2_distill.student import Student
 
     d, method, settings = cfg.distill, plan.method, plan.manifest["settings"]
     torch.manual_seed(d.seed)  # the new modules' initial weights
     base = AutoModelForCausalLM.from_pretrained(
         plan.student_dir, dtype=torch.bfloat16 if plan.cuda else torch.float32
     )
-    model = PrideStudent(
+    model = Student(
         base,
         sources=d.privileged_sources if method.privileged else [],
         layer=d.attention_layer,

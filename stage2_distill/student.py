@@ -1,6 +1,6 @@
 """The student during training: a Hugging Face causal LM plus PRIDE's multi-source attention.
 
-    student = PrideStudent(AutoModelForCausalLM.from_pretrained(folder), sources=["situation"],
+    student = Student(AutoModelForCausalLM.from_pretrained(folder), sources=["situation"],
                            layer=None, feature_dim=576)
     out = student(input_ids, attention_mask, pred_rows, pred_cols, privileged={...})
     export_student(engine, tokenizer, folder / "final")  # the plain base model, no extra modules
@@ -59,10 +59,12 @@ class MultiSourceAttention(nn.Module):
         return out
 
 
-class PrideStudent(nn.Module):
-    """The base causal LM, optionally with multi-source attention and an MMD feature projection.
+class Student(nn.Module):
+    """Every method's student: the base causal LM, optionally with PRIDE's multi-source attention
+    over privileged inputs and an MMD feature projection.
 
-    `sources=[]` gives a plain student (sft, seqkd, kd, pride-no-pi); `feature_dim=None` no MMD."""
+    `sources=[]` gives a plain student (sft, seqkd, kd, pride-no-pi, and sft-dpo's frozen DPO
+    reference); `feature_dim=None` no MMD."""
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from shared.errors import PipelineError
 from stage2_distill import losses
-from stage2_distill.student import PrideStudent, export_student
+from stage2_distill.student import Student, export_student
 
 REFERENCE = "sft_reference"
 MODEL_INPUTS = ("input_ids", "attention_mask", "pred_rows", "pred_cols")
@@ -55,7 +55,7 @@ def save_reference(engine, tokenizer, out: Path, rank: int) -> None:
     dist.barrier()
 
 
-def load_reference(out: Path, device, dtype: torch.dtype) -> PrideStudent:
+def load_reference(out: Path, device, dtype: torch.dtype) -> Student:
     folder = out / REFERENCE
     if not (folder / "config.json").is_file():
         raise PipelineError(
@@ -65,7 +65,7 @@ def load_reference(out: Path, device, dtype: torch.dtype) -> PrideStudent:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    reference = PrideStudent(base, sources=[]).to(device).eval()
+    reference = Student(base, sources=[]).to(device).eval()
     reference.requires_grad_(False)
     return reference
 

@@ -68,7 +68,7 @@ def test_manifest_refusals(tmp_path, tiny_student, cache, breakage, message):
 
 def test_refuses_other_k(tmp_path, tiny_student, cache):
     with pytest.raises(PipelineError, match="top-k 4 but 5"):
-        run(tmp_path, tiny_student, cache, tmp_path / "out", top_k=5)
+        run(tmp_path, tiny_student, cache, tmp_path / "out", expect_top_k=5)
 
 
 def test_refuses_shard_from_another_cache(tmp_path, tiny_student, cache):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from stage2_distill.student import PrideStudent, export_student
+from stage2_distill.student import Student, export_student
 
 
 class _Engine:
@@ -19,9 +19,9 @@ class _Engine:
         return 2
 
 
-def _student(folder) -> PrideStudent:
+def _student(folder) -> Student:
     torch.manual_seed(0)
-    model = PrideStudent(
+    model = Student(
         AutoModelForCausalLM.from_pretrained(folder),
         sources=["situation", "future"],
         feature_dim=8,
@@ -64,7 +64,7 @@ def test_no_privileged_input_changes_nothing_and_export_matches(tmp_path, tiny_s
 
 def test_gates_start_at_zero_and_features_are_pooled(tiny_student):
     torch.manual_seed(0)
-    model = PrideStudent(
+    model = Student(
         AutoModelForCausalLM.from_pretrained(tiny_student), sources=["situation"], feature_dim=8
     )
     assert all(float(g.detach()) == 0.0 for g in model.msa.gates.values())
