@@ -10,7 +10,7 @@ For each model, one vLLM engine at a time (greedy decoding):
      tokens, parsed with `prompts.parse_teacher_output`; a model that cannot follow it scores low;
   3. cost: parameters, generated reply tokens per second, peak RSS of the engine's processes.
 Then the judge (by default the teacher, whose engine is kept for it when the teacher is one of the
-models) compares every model's replies with the baseline's in both orders (evaluate/judge.py) and
+models) compares every model's replies with the baseline's in both orders (evaluation/judge.py) and
 checks itself against human ratings. Reference metrics (BLEU-4, ROUGE-L, BERTScore-F1) count the
 examples that have a reference. Output: metrics.json, replies.jsonl, report.md, PNG charts,
 rejects.jsonl and the resolved config.
@@ -204,7 +204,7 @@ def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[s
 
 
 def score(examples: list[Example], run: dict[str, Any], encoder, ref_vectors) -> dict[str, Any]:
-    """Every metric of one model's replies (pure functions from evaluate/metrics.py)."""
+    """Every metric of one model's replies (pure functions from evaluation/metrics.py)."""
     tokens = [metrics.tokenize(r) for r in run["replies"]]
     with_ref = [i for i, ex in enumerate(examples) if ex.reference]
     refs = {i: metrics.tokenize(examples[i].reference) for i in with_ref}

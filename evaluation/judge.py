@@ -178,7 +178,10 @@ def rated_pairs(path: Path | None, n: int, seed: int) -> tuple[list[dict], str |
     (fixed seed) from every such pair in the file; or ([], why not) when there is nothing to do."""
     if n == 0:
         return [], "judge check skipped (evaluate.judge_check_pairs = 0)"
-    if path is None or not Path(path).is_file():
+    if path is None:
+        why = "no rated data (set evaluate.judge_check_data to a Welivita & Pu CSV)"
+        return [], f"judge check skipped: {why}"
+    if not Path(path).is_file():
         return [], f"judge check skipped: rated data not found at {path}"
     examples, _ = read_examples(Path(path))
     pairs = []

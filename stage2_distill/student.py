@@ -5,7 +5,7 @@
     out = student(input_ids, attention_mask, pred_rows, pred_cols, privileged={...})
     export_student(engine, tokenizer, folder / "final")  # the plain base model, no extra modules
 
-Multi-source attention (DESIGN.md): after one middle decoder layer, each privileged source
+Multi-source attention (PRIDE's): after one middle decoder layer, each privileged source
 (situation, future, expert notes, ...) gets its own cross-attention whose queries are the
 student's hidden states and whose keys/values are that source's text encoded by the student's
 own embeddings and layers up to the same layer. The sources are fused as

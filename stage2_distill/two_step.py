@@ -8,8 +8,8 @@ chosen = the teacher's improved reply (`response_token_ids`), rejected = the rep
 
 - Step one, steps [0, sft_steps): SFT, CE on the improved replies. With
   `distill.sft_on_originals` every row also gives a CE example on its original. Xie et al. SFT
-  the small model on the LLM-distilled (improved) responses; issue 4 reads the paper as SFT on
-  the originals too. We default to the improved replies only: SFT on the rejected side would
+  the small model on the LLM-distilled (improved) responses; the paper can also be read as SFT
+  on the originals too. We default to the improved replies only: SFT on the rejected side would
   teach the replies step two then pushes away from.
 - Step two, steps [sft_steps, sft_steps + dpo_steps): sigmoid DPO (losses.dpo_loss) on the same
   rows, beta `distill.dpo_beta`, the step-one model as the frozen reference.

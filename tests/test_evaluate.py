@@ -25,7 +25,9 @@ def test_model_specs_and_their_paths(tmp_path):
     )
     assert cfg.evaluate.models == ["teacher", f"sft={REPO / 'runs/sft'}", "x=/abs/x"]
     assert cfg.evaluate.judge == str(REPO / "models/j")
-    assert cfg.evaluate.judge_check_data == REPO.parent / "shared/data/wp_empathy/dataset.csv"
+    assert cfg.evaluate.judge_check_data is None  # a path the user gives: nothing outside the repo
+    given = load_config(REPO / "pipelines.yaml", "demo", ["evaluate.judge_check_data=d/wp.csv"])
+    assert given.evaluate.judge_check_data == REPO / "d/wp.csv"
     with pytest.raises(PipelineError, match="model names must differ: a"):
         load_config(REPO / "pipelines.yaml", "demo", ['evaluate.models=["x/a", "y/a"]'])
 

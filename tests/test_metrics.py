@@ -1,4 +1,4 @@
-"""The evaluation metrics against small cases computed by hand (evaluate/metrics.py)."""
+"""The evaluation metrics against small cases computed by hand (evaluation/metrics.py)."""
 
 import math
 
