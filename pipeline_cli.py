@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from shared import console
-from shared.config import PipelineConfig, load_config
+from shared.config import METHOD_NAMES, PipelineConfig, load_config
 from shared.errors import PipelineError
 
 app = typer.Typer(
@@ -201,9 +201,7 @@ def distill(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(
-            help="pride, sft, seqkd, kd, pride-no-pi, pride-no-mmd, pride-no-rkl or sft-dpo."
-        ),
+        typer.Option(help=f"One of {', '.join(METHOD_NAMES)} (README: Stage two)."),
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in total.")] = None,
     fresh: Annotated[

@@ -184,6 +184,12 @@ class LossWeights(Strict):
     mmd: float = Field(0.1, ge=0.0)
 
 
+# `distill.method`: each name's training is one row of stage2_distill.distill.METHODS.
+METHOD_NAMES = (
+    "pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl", "sft-dpo"
+)  # fmt: skip
+
+
 class DistillConfig(Strict):
     shards: Path = Path("runs/demo/teacher_cache")
     output: Path = Path("runs/demo/student")
@@ -191,9 +197,7 @@ class DistillConfig(Strict):
     # (sft: CE on the dataset's reference; seqkd: CE on the teacher's reply; kd: CE + forward KL)
     # and ablations (pride without privileged information, without MMD, without reverse KL);
     # sft-dpo: Xie et al.'s two steps on an improve-mode cache (stage2_distill/two_step.py).
-    method: Literal[
-        "pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl", "sft-dpo"
-    ] = "pride"
+    method: Literal[METHOD_NAMES] = "pride"
     # Optimizer steps in total, across resumed runs (sft-dpo: sft_steps + dpo_steps instead).
     max_steps: int = Field(200, ge=1)
     # sft-dpo: step one, CE on the improved replies (and on the originals too with

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+
+def update_sha256(h, path: Path) -> None:
+    """Feed a file's bytes to a hash, 4 MiB at a time."""
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    update_sha256(h, path)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

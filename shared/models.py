@@ -18,6 +18,7 @@ from typing import Any
 
 from shared import console
 from shared.errors import PipelineError
+from shared.files import update_sha256
 
 MARKER = "pipeline-model.json"  # written last into a folder we built: its weight hashes
 TEACHER_NAME = "smollm2-135m-instruct"
@@ -42,13 +43,10 @@ def weight_files(folder: Path) -> list[Path]:
 
 def weights_sha256(folder: Path) -> str:
     """One hash over every weight file of a model folder (names and bytes), in name order."""
-    files = weight_files(folder)
     h = hashlib.sha256()
-    for f in files:
+    for f in weight_files(folder):
         h.update(f.name.encode())
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+        update_sha256(h, f)
     return h.hexdigest()
 
 
@@ -261,9 +259,11 @@ def load_tokenizer(folder: Path):
         ) from None
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the vocabulary (token -> id, added tokens included): equal means logits line up."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+def tokenizer_fingerprint(tokenizer, media_ids: set[int] = frozenset()) -> str:
+    """Hash of the vocabulary (token -> id, added tokens included): equal means logits line up.
+    With a VLM's `media_ids`, over its language vocabulary only (see `text_vocab`): equal to the
+    fingerprint of a text student's tokenizer when the VLM only appended media placeholders."""
+    vocab = sorted(text_vocab(tokenizer, media_ids).items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -413,13 +413,6 @@ def text_vocab(tokenizer, media_ids: set[int] = frozenset()) -> dict[str, int]:
         del vocab[by_id[top]]
         top -= 1
     return vocab
-
-
-def text_tokenizer_fingerprint(tokenizer, media_ids: set[int] = frozenset()) -> str:
-    """`tokenizer_fingerprint` over the language vocabulary only (see `text_vocab`): equal to the
-    fingerprint of a text student's tokenizer when the VLM only appended media placeholders."""
-    vocab = sorted(text_vocab(tokenizer, media_ids).items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def check_engine_settings(engine: dict[str, Any], section: str = "teacher.engine") -> None:

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.errors import PipelineError
-from shared.files import atomic_write_text
+from shared.files import atomic_write_text, file_sha256
 
 # 2: improvement_strategy + base_response; 3: features at predicting positions;
 # 4: the quality gate's teacher_attempt + quality_flags, and the `sampling` setting;
@@ -299,14 +299,6 @@ def encode_features(features: Any) -> tuple[np.ndarray, float]:
     scale = float(np.abs(f).max()) if f.size else 0.0
     q = np.rint(f / scale * 127) if scale > 0 else np.zeros_like(f)
     return q.astype(np.int8), scale
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bucket_kl(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:

@@ -49,8 +49,8 @@ from shared.models import (
     load_tokenizer,
     media_token_ids,
     model_sha256,
-    text_tokenizer_fingerprint,
     text_vocab,
+    tokenizer_fingerprint,
 )
 from shared.readers import Example, Reject, read_examples
 from shared.schema import (
@@ -93,7 +93,7 @@ def cache_settings(
     dropped = len(tokenizer.get_vocab()) - len(text_vocab(tokenizer, media_ids))
     return make_settings(
         teacher_weights_sha256=model_sha256(cfg.teacher.model),
-        tokenizer_fingerprint=text_tokenizer_fingerprint(tokenizer, media_ids),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, media_ids),
         vocab_size=len(tokenizer) - dropped,
         top_k=cfg.teacher_cache.top_k,
         logprob_mode="raw_logprobs",  # log-softmax of the unprocessed logits (temperature 1)

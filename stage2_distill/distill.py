@@ -37,9 +37,9 @@ import torch.distributed as dist
 from shared import console
 from shared.config import LossWeights, PipelineConfig, load_config, open_output, write_resolved
 from shared.errors import PipelineError
-from shared.files import atomic_write_text
+from shared.files import atomic_write_text, file_sha256
 from shared.models import check_model, load_tokenizer, tokenizer_fingerprint
-from shared.schema import check_pairs, file_sha256, verify_cache
+from shared.schema import check_pairs, verify_cache
 from stage2_distill import losses, two_step
 from stage2_distill.batch import collate, encode_row, usable
 from stage2_distill.stream import ShardStream, check_shards

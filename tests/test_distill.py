@@ -107,6 +107,13 @@ def test_pride_trains_exports_and_writes_outputs(tmp_path, tiny_student, cache):
     assert (out / "final" / "tokenizer.json").exists()
 
 
+def test_every_configurable_method_has_a_training():
+    from shared.config import METHOD_NAMES
+    from stage2_distill.distill import METHODS
+
+    assert set(METHODS) == set(METHOD_NAMES)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method", ["sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl"]
@@ -303,7 +310,7 @@ def test_a_resume_unpickles_nothing_but_tensors_and_plain_data(tmp_path, tiny_st
     its code never runs."""
     import torch
 
-    from shared.schema import file_sha256
+    from shared.files import file_sha256
 
     out = tmp_path / "out"
     run(tmp_path, tiny_student, cache, out)

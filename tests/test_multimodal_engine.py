@@ -23,7 +23,6 @@ from shared.models import (
     load_processor,
     load_tokenizer,
     media_token_ids,
-    text_tokenizer_fingerprint,
     tokenizer_fingerprint,
 )
 from shared.schema import read_rows, verify_cache
@@ -108,9 +107,9 @@ def test_text_fingerprint_ignores_the_image_token(tiny_vlm, embedded_teacher):
     assert len(vlm_tok) == TEXT_VOCAB + 1 and len(text_tok) == TEXT_VOCAB
     assert media_token_ids(processor) == {TEXT_VOCAB}
     assert tokenizer_fingerprint(vlm_tok) != tokenizer_fingerprint(text_tok)
-    fingerprint = text_tokenizer_fingerprint(vlm_tok, media_token_ids(processor))
+    fingerprint = tokenizer_fingerprint(vlm_tok, media_token_ids(processor))
     assert fingerprint == tokenizer_fingerprint(text_tok)
-    assert text_tokenizer_fingerprint(text_tok) == tokenizer_fingerprint(text_tok)
+    assert tokenizer_fingerprint(text_tok) == tokenizer_fingerprint(text_tok)
 
 
 @pytest.mark.engine
