@@ -25,18 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def plain_generation(cfg, tok, batch: list) -> tuple[float, int]:
     """Seconds and reply tokens of both turns, generated plainly (the cache's sampling)."""
-    from vllm import LLM
-
     from shared import prompts
+    from shared.models import start_vllm, stop_vllm
     from stage1_teacher.teacher_cache import answer_prompts, generation_params
 
     t0 = time.time()
-    llm = LLM(str(cfg.teacher.model), **cfg.teacher.engine)
+    llm = start_vllm(cfg.teacher.model, cfg.teacher.engine)
     replies, _ = answer_prompts(cfg, tok, llm, batch)  # the analysis turn
     params = generation_params(cfg, stop=prompts.REPLY_STOP)  # the cache's, without logprobs
     outs = llm.generate([{"prompt_token_ids": ids} for _, ids in replies], params, use_tqdm=True)
     seconds = time.time() - t0
-    llm.llm_engine.engine_core.shutdown()
+    stop_vllm(llm)
     return seconds, sum(len(o.outputs[0].token_ids) for o in outs)
 
 

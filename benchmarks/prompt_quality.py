@@ -39,14 +39,12 @@ def held_out_jsonl(examples, path: Path) -> None:
 
 def plain_replies(cfg, examples) -> tuple[list[str], list[str]]:
     """The teacher's plain chat answers (greedy) and their finish reasons."""
-    from vllm import LLM
-
     from shared import prompts
-    from shared.models import load_tokenizer
+    from shared.models import load_tokenizer, start_vllm, stop_vllm
     from stage1_teacher.teacher_cache import generation_params
 
     tok = load_tokenizer(cfg.teacher.model)
-    llm = LLM(str(cfg.teacher.model), **cfg.teacher.engine)
+    llm = start_vllm(cfg.teacher.model, cfg.teacher.engine)
     ids = [
         {
             "prompt_token_ids": tok(
@@ -56,7 +54,7 @@ def plain_replies(cfg, examples) -> tuple[list[str], list[str]]:
         for e in examples
     ]
     outs = llm.generate(ids, generation_params(cfg, stop=prompts.REPLY_STOP), use_tqdm=True)
-    llm.llm_engine.engine_core.shutdown()
+    stop_vllm(llm)
     return [o.outputs[0].text.strip() for o in outs], [o.outputs[0].finish_reason for o in outs]
 
 

@@ -36,7 +36,7 @@ from shared.config import (
 )
 from shared.errors import PipelineError
 from shared.files import atomic_write_text
-from shared.models import check_engine_settings, check_model, load_tokenizer
+from shared.models import check_engine_settings, check_model, load_tokenizer, start_vllm, stop_vllm
 from shared.readers import Example, Reject, read_examples
 
 # ----------------------------------------------------------------------------- setup
@@ -158,15 +158,7 @@ class PeakRSS:
 
 
 def start_engine(cfg: PipelineConfig, folder: Path):
-    from vllm import LLM
-
-    return LLM(str(folder), **engine_settings(cfg))
-
-
-def stop_engine(llm) -> None:
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None:
-        core.shutdown()
+    return start_vllm(folder, engine_settings(cfg), section="evaluate.engine")
 
 
 def generate(
@@ -281,7 +273,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         )
         keep = need_judge and name == order[-1] and folders[name].resolve() == judge_dir.resolve()
         if not keep:
-            stop_engine(llm)
+            stop_vllm(llm)
             llm = None
 
     runs = {name: runs[name] for name in folders}  # back to report order
@@ -304,7 +296,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             )
     check = judge.judge_check(llm, judge_tok, check_pairs, max_len) if check_pairs else None
     if llm is not None:
-        stop_engine(llm)
+        stop_vllm(llm)
     judge_seconds = time.time() - t_judge
 
     encoder = metrics.TokenEncoder(ev.encoder)

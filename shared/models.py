@@ -434,3 +434,47 @@ def check_engine_settings(engine: dict[str, Any], section: str = "teacher.engine
             raise PipelineError(
                 f"{section}.{key}: not a setting of vLLM's engine (vllm.EngineArgs){hint}"
             )
+
+
+# --- vLLM engines (stage one, evaluation, the benchmarks) --------------------------------------
+
+
+def start_vllm(model: Path, settings: dict[str, Any], section: str = "teacher.engine", after=None):
+    """A vLLM engine on `model` with `settings`, or a PipelineError that carries vLLM's own cause
+    (and the log's last error, when the engine's core failed in a child process). `after(llm)`
+    runs once the engine is up (e.g. a worker extension's set-up); a failure there stops the
+    engine too, so no worker process outlives the job."""
+    from vllm import LLM
+
+    llm = None
+    try:
+        llm = LLM(str(model), **settings)
+        if after is not None:
+            after(llm)
+    except (RuntimeError, ValueError) as e:
+        stop_vllm(llm)
+        # vLLM's own cause, not only its first line ("1 validation error for ModelConfig")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = "; ".join(lines[:3])[:400]
+        # With its core in a child process, vLLM raises only "see root cause above": the
+        # cause is the child's last error line in the log.
+        logged = console.last_error_line()
+        if logged and logged not in cause:
+            cause = f"{cause}; the log's last error: {logged}"
+        hint = ""
+        if any(w in cause.lower() for w in ("memory", "kv cache", "cache blocks")):
+            hint = (
+                f"; lower {section}.kv_cache_memory_bytes (the KV cache the engine reserves; "
+                "gpu_memory_utilization on GPUs) or stop other jobs"
+            )
+        raise PipelineError(
+            f"the vLLM engine for {model} did not start: {cause} ({console.where_logs_are()}){hint}"
+        ) from None
+    return llm
+
+
+def stop_vllm(llm) -> None:
+    """Shut an engine's worker processes down now: their memory is freed before we return."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()

@@ -49,6 +49,8 @@ from shared.models import (
     load_tokenizer,
     media_token_ids,
     model_sha256,
+    start_vllm,
+    stop_vllm,
     text_vocab,
     tokenizer_fingerprint,
 )
@@ -323,7 +325,6 @@ def start_engine(
     `extra_logprobs`: top-k slots for a VLM's media tokens, dropped from the stored top-k;
     `max_images`: the most images (frames) one prompt carries."""
     import vllm
-    from vllm import LLM
 
     if cfg.teacher_cache.features and not vllm.__version__.startswith(TESTED_VLLM):
         raise PipelineError(
@@ -364,32 +365,16 @@ def start_engine(
         if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
             _ENGINE_ENV.add("VLLM_USE_V2_MODEL_RUNNER")
-    llm = None
+    capture = cfg.teacher_cache.features
     try:
-        llm = LLM(str(cfg.teacher.model), **engine)
-        if cfg.teacher_cache.features:
-            llm.collective_rpc("start_reply_capture")
-    except (RuntimeError, ValueError) as e:
-        # An engine that did start would keep its worker processes (and the job) alive.
-        stop_engine(llm)
-        # vLLM's own cause, not only its first line ("1 validation error for ModelConfig")
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        cause = "; ".join(lines[:3])[:400]
-        # With its core in a child process, vLLM raises only "see root cause above": the
-        # cause is the child's last error line in the log.
-        logged = console.last_error_line()
-        if logged and logged not in cause:
-            cause = f"{cause}; the log's last error: {logged}"
-        hint = ""
-        if any(w in cause.lower() for w in ("memory", "kv cache", "cache blocks")):
-            hint = (
-                "; lower teacher.engine.kv_cache_memory_bytes (the KV cache the engine reserves; "
-                "gpu_memory_utilization on GPUs) or stop other jobs"
-            )
-        raise PipelineError(
-            f"the vLLM engine did not start: {cause} ({console.where_logs_are()}){hint}"
-        ) from None
-    return llm
+        return start_vllm(
+            cfg.teacher.model,
+            engine,
+            after=(lambda llm: llm.collective_rpc("start_reply_capture")) if capture else None,
+        )
+    except PipelineError:
+        stop_engine(None)  # the environment set above
+        raise
 
 
 def check_teacher_engine(cfg: PipelineConfig) -> None:
@@ -406,9 +391,7 @@ def check_teacher_engine(cfg: PipelineConfig) -> None:
 def stop_engine(llm) -> None:
     """Shut the engine's worker processes down now (their memory is freed before we return),
     and take back the environment start_engine set for it."""
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None:
-        core.shutdown()
+    stop_vllm(llm)
     for name in _ENGINE_ENV:
         os.environ.pop(name, None)
     _ENGINE_ENV.clear()
