@@ -53,8 +53,7 @@ def judge_prompt(tokenizer, dialogue: list[dict], reply_a: str, reply_b: str) ->
         dialogue=prompts.render_dialogue(dialogue), reply_a=reply_a.strip(), reply_b=reply_b.strip()
     )
     messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + JUDGE_ANSWER_PREFIX
+    return prompts.render_chat(tokenizer, messages) + JUDGE_ANSWER_PREFIX
 
 
 def judge_choice_ids(tokenizer) -> tuple[int, int]:

@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check .
+.venv/bin/mypy  # shared/ and the losses (pyproject.toml: tool.mypy)
 .venv/bin/python -m pytest -q
 .venv/bin/python -m pytest -q -m "engine or slow"

@@ -9,6 +9,7 @@ resolved against the folder of the YAML file, so a config works from any working
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -185,9 +186,10 @@ class LossWeights(Strict):
 
 
 # `distill.method`: each name's training is one row of stage2_distill.distill.METHODS.
-METHOD_NAMES = (
+MethodName = Literal[
     "pride", "sft", "seqkd", "kd", "pride-no-pi", "pride-no-mmd", "pride-no-rkl", "sft-dpo"
-)  # fmt: skip
+]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 
 
 class DistillConfig(Strict):
@@ -197,7 +199,7 @@ class DistillConfig(Strict):
     # (sft: CE on the dataset's reference; seqkd: CE on the teacher's reply; kd: CE + forward KL)
     # and ablations (pride without privileged information, without MMD, without reverse KL);
     # sft-dpo: Xie et al.'s two steps on an improve-mode cache (stage2_distill/two_step.py).
-    method: Literal[METHOD_NAMES] = "pride"
+    method: MethodName = "pride"
     # Optimizer steps in total, across resumed runs (sft-dpo: sft_steps + dpo_steps instead).
     max_steps: int = Field(200, ge=1)
     # sft-dpo: step one, CE on the improved replies (and on the originals too with
@@ -284,15 +286,14 @@ class EvaluateConfig(Strict):
         return models
 
 
-STAGES = ("teacher-cache", "distill", "evaluate")
+StageName = Literal["teacher-cache", "distill", "evaluate"]
+STAGES: tuple[StageName, ...] = ("teacher-cache", "distill", "evaluate")
 
 
 class RunConfig(Strict):
     """`pipeline run`: the stages in order, each skipped when its output is complete."""
 
-    stages: list[Literal["teacher-cache", "distill", "evaluate"]] = Field(
-        default_factory=lambda: list(STAGES), min_length=1
-    )
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGES), min_length=1)
     # Baseline methods, each trained by distill (same cache and settings, its own method) into
     # `<distill.output>-<method>` and evaluated beside the pipeline's student, e.g. [sft].
     baselines: list[str] = Field(default_factory=list)
@@ -399,7 +400,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
 
 
 def load_config(
-    path: Path | str, pipeline: str = "demo", overrides: list[str] = ()
+    path: Path | str, pipeline: str = "demo", overrides: Sequence[str] = ()
 ) -> PipelineConfig:
     """Read `pipelines.yaml`, pick one named pipeline, apply overrides, validate, resolve paths."""
     path = Path(path)

@@ -13,8 +13,14 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the central objects, named for readers and the type checker only
+    from transformers import PreTrainedTokenizerBase as Tokenizer
+    from transformers import ProcessorMixin as Processor
+    from vllm import LLM
 
 from shared import console
 from shared.errors import PipelineError
@@ -88,7 +94,7 @@ def build_teacher(folder: Path) -> None:
     )
     # save_pretrained refuses a model that still carries its GGUF quantization settings, although
     # the weights are already plain float32 after loading.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     for obj in (model, model.config):
         if hasattr(obj, "quantization_config"):
             delattr(obj, "quantization_config")
@@ -248,7 +254,7 @@ def hash_cache_path() -> Path:
     )
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path) -> Tokenizer:
     from transformers import AutoTokenizer
 
     try:
@@ -259,7 +265,7 @@ def load_tokenizer(folder: Path):
         ) from None
 
 
-def tokenizer_fingerprint(tokenizer, media_ids: set[int] = frozenset()) -> str:
+def tokenizer_fingerprint(tokenizer: Tokenizer, media_ids: AbstractSet[int] = frozenset()) -> str:
     """Hash of the vocabulary (token -> id, added tokens included): equal means logits line up.
     With a VLM's `media_ids`, over its language vocabulary only (see `text_vocab`): equal to the
     fingerprint of a text student's tokenizer when the VLM only appended media placeholders."""
@@ -330,7 +336,7 @@ def build_tiny_vlm(text_folder: Path, folder: Path, seed: int = 0) -> None:
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=int(tok.convert_tokens_to_ids(IMAGE_TOKEN)),  # type: ignore[arg-type]
         image_seq_length=(32 // 8) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -338,7 +344,7 @@ def build_tiny_vlm(text_folder: Path, folder: Path, seed: int = 0) -> None:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model = LlavaForConditionalGeneration(config).float().eval()
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
@@ -378,7 +384,7 @@ def is_multimodal(folder: Path) -> bool:
     return "vision_config" in config
 
 
-def load_processor(folder: Path):
+def load_processor(folder: Path) -> Processor | None:
     """The multimodal processor (tokenizer + image processor + chat template) of a VLM folder."""
     from transformers import AutoProcessor
 
@@ -390,7 +396,7 @@ def load_processor(folder: Path):
         ) from None
 
 
-def media_token_ids(processor) -> set[int]:
+def media_token_ids(processor: Processor | None) -> set[int]:
     """Ids of the processor's image / video placeholder tokens (LLaVA's <image>, Qwen's pads)."""
     ids = set()
     for attr in ("image_token_id", "video_token_id"):
@@ -400,7 +406,7 @@ def media_token_ids(processor) -> set[int]:
     return ids
 
 
-def text_vocab(tokenizer, media_ids: set[int] = frozenset()) -> dict[str, int]:
+def text_vocab(tokenizer: Tokenizer, media_ids: AbstractSet[int] = frozenset()) -> dict[str, int]:
     """The language vocabulary of a (possibly vision-language) tokenizer: the placeholder tokens a
     VLM appends after the text vocabulary (LLaVA's <image>, id 49152 after SmolLM2's 49,152 ids)
     are left out, so a text student with the same language tokenizer matches. Placeholders that
@@ -439,7 +445,9 @@ def check_engine_settings(engine: dict[str, Any], section: str = "teacher.engine
 # --- vLLM engines (stage one, evaluation, the benchmarks) --------------------------------------
 
 
-def start_vllm(model: Path, settings: dict[str, Any], section: str = "teacher.engine", after=None):
+def start_vllm(
+    model: Path, settings: dict[str, Any], section: str = "teacher.engine", after=None
+) -> LLM:
     """A vLLM engine on `model` with `settings`, or a PipelineError that carries vLLM's own cause
     (and the log's last error, when the engine's core failed in a child process). `after(llm)`
     runs once the engine is up (e.g. a worker extension's set-up); a failure there stops the
@@ -473,7 +481,7 @@ def start_vllm(model: Path, settings: dict[str, Any], section: str = "teacher.en
     return llm
 
 
-def stop_vllm(llm) -> None:
+def stop_vllm(llm: LLM | None) -> None:
     """Shut an engine's worker processes down now: their memory is freed before we return."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None:

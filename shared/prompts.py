@@ -18,7 +18,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 TEACHER_SYSTEM = (
     "You are a warm, attentive listener. Before you answer, think step by step: name the "
@@ -130,6 +133,13 @@ def template_sha256(template: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> str:
+    """The chat template applied as text, ready for the assistant's turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert isinstance(text, str)  # tokenize=False
+    return text
+
+
 def render_dialogue(dialogue: list[dict]) -> str:
     return "\n".join(f"{ROLE_NAMES[t['role']]}: {t['text']}" for t in dialogue)
 
@@ -144,7 +154,7 @@ def render_notes(privileged: dict[str, str]) -> str:
 
 
 def teacher_prompt(
-    tokenizer, dialogue: list[dict], privileged: dict[str, str], n_images: int = 0
+    tokenizer: Tokenizer, dialogue: list[dict], privileged: dict[str, str], n_images: int = 0
 ) -> str:
     """The full teacher prompt as text (chat template applied, answer primed).
 
@@ -159,37 +169,36 @@ def teacher_prompt(
         )
         return {"role": "user", "content": text}
 
-    messages = [{"role": "system", "content": TEACHER_SYSTEM}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": TEACHER_SYSTEM}]
     for shown, notes, answer in EXAMPLES:
         messages += [user(shown, notes), {"role": "assistant", "content": answer}]
     messages.append(user(dialogue, privileged))
     if n_images:
-        text = [{"type": "text", "text": messages[-1]["content"]}]
-        messages[-1]["content"] = [{"type": "image"}] * n_images + text
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + ANSWER_PREFIX
+        items = [{"type": "text", "text": messages[-1]["content"]}]
+        messages[-1]["content"] = [{"type": "image"}] * n_images + items
+    return render_chat(tokenizer, messages) + ANSWER_PREFIX
 
 
-def chat_prompt(tokenizer, system: str, dialogue: list[dict], n_images: int = 0) -> str:
+def chat_prompt(tokenizer: Tokenizer, system: str, dialogue: list[dict], n_images: int = 0) -> str:
     """The dialogue as chat turns (speaker = user, listener = assistant) after `system`; with
     `n_images` the last speaker turn starts with that many image items (see teacher_prompt)."""
-    messages = [{"role": "system", "content": system}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     for turn in dialogue:
         role = "user" if turn["role"] == "speaker" else "assistant"
         messages.append({"role": role, "content": turn["text"]})
     if n_images:
-        text = [{"type": "text", "text": messages[-1]["content"]}]
-        messages[-1]["content"] = [{"type": "image"}] * n_images + text
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        items = [{"type": "text", "text": messages[-1]["content"]}]
+        messages[-1]["content"] = [{"type": "image"}] * n_images + items
+    return render_chat(tokenizer, messages)
 
 
-def student_prompt(tokenizer, dialogue: list[dict]) -> str:
+def student_prompt(tokenizer: Tokenizer, dialogue: list[dict]) -> str:
     """The student's input: the dialogue as chat turns, nothing else."""
     return chat_prompt(tokenizer, STUDENT_SYSTEM, dialogue)
 
 
 def reply_prompt(
-    tokenizer, dialogue: list[dict], analysis: TeacherAnalysis, n_images: int = 0
+    tokenizer: Tokenizer, dialogue: list[dict], analysis: TeacherAnalysis, n_images: int = 0
 ) -> str:
     """The teacher's reply turn: the plain chat turn with the analysis's Feelings step in the
     system message (see REPLY_SYSTEM), then the dialogue as chat turns; the reply is the model's
@@ -373,7 +382,12 @@ def improve_turns(strategy: str) -> int:
 
 
 def improve_prompt(
-    tokenizer, dialogue: list[dict], base: str, strategy: str, dimension: str, earlier: list[str]
+    tokenizer: Tokenizer,
+    dialogue: list[dict],
+    base: str,
+    strategy: str,
+    dimension: str,
+    earlier: list[str],
 ) -> str:
     """The improvement prompt for turn len(earlier): the chat so far, answer primed.
 
@@ -388,7 +402,7 @@ def improve_prompt(
     for turn, reply in enumerate(earlier, start=1):
         messages.append({"role": "assistant", "content": f"{IMPROVED_PREFIX} {reply}"})
         messages.append({"role": "user", "content": improve_task(strategy, dimension, turn)})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages)
     return text + (WEAKEST_PREFIX if strategy == "weakest" else IMPROVED_PREFIX)
 
 

@@ -82,7 +82,11 @@ def make_example_id(source, dialogue, privileged, media, emotion, reference) -> 
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def _example(origin: str, split: str, content: tuple, candidates=()) -> Example:
+# (source, dialogue, privileged, media, emotion, reference): the part of an example that is hashed
+Content = tuple[str, list[dict], dict[str, str], list[dict], str | None, str | None]
+
+
+def _example(origin: str, split: str, content: Content, candidates=()) -> Example:
     """content = (source, dialogue, privileged, media, emotion, reference), the hashed part."""
     source, dialogue, privileged, media, emotion, reference = content
     return Example(
@@ -348,7 +352,14 @@ def _ed_examples(path: Path, conv: _Conversation, future: bool, split: str) -> l
             privileged["future"] = "\n".join(lines)
         first, last = conv.turns[0][0], conv.turns[i + 1 if has_reference else i][0]
         origin = f"{path}:rows {first}-{last}" if last > first else f"{path}:row {first}"
-        content = ("empathetic_dialogues", dialogue, privileged, [], conv.emotion, reference)
+        content: Content = (
+            "empathetic_dialogues",
+            dialogue,
+            privileged,
+            [],
+            conv.emotion,
+            reference,
+        )
         examples.append(_example(origin, split, content))
     return examples
 
@@ -394,7 +405,7 @@ def _wp_example(raw, fields, width, col, origin, split) -> Example:
     dialogue = [{"role": "speaker", "text": get("speaker_uttr")}]
     privileged = {"situation": get("situation")}
     emotion, reference = _emotion(get("emotion")), get("response_human")
-    content = ("wp_empathy", dialogue, privileged, [], emotion, reference)
+    content: Content = ("wp_empathy", dialogue, privileged, [], emotion, reference)
     return _example(origin, split, content, candidates)
 
 

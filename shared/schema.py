@@ -236,7 +236,7 @@ def make_settings(**values: Any) -> CacheSettings:
     unknown = [k for k in values if k not in SETTING_KEYS]
     if missing or unknown:
         raise TypeError(f"cache settings: missing {missing}, unknown {unknown}")
-    return CacheSettings(**{k: values[k] for k in SETTING_KEYS})
+    return CacheSettings(**{k: values[k] for k in SETTING_KEYS})  # type: ignore[typeddict-item]
 
 
 class ShardEntry(TypedDict):
@@ -392,7 +392,7 @@ def decode_table(table: pa.Table) -> list[dict[str, Any]]:
     plain = [n for n in table.column_names if n not in ENCODED_STORED]
     rows = table.select(plain).to_pylist() if plain else [{} for _ in range(table.num_rows)]
 
-    def values(name: str) -> tuple[np.ndarray, np.ndarray]:
+    def values(name: str) -> tuple[np.ndarray, Any]:  # offsets, the child pyarrow array
         col = table.column(name).combine_chunks()
         return col.offsets.to_numpy(), col.values
 
