@@ -1,0 +1,166 @@
+"""Stage one's whole main (plan, prompts, gate and retries, shards, manifest, rejects, rerun) in
+the quick suite, on a fake engine with canned answers. The real vLLM engine is covered by the
+`engine` tests (test_teacher_cache_engine.py); this one isolates the job's own logic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from shared.config import PipelineConfig
+from shared.schema import bucket_kl, read_rows, verify_cache
+
+K, LOOP = 5, "LOOPING"  # a dialogue holding LOOP gets a looping reply on every attempt
+WORDS = "garden kettle ladder window river pencil basket candle mirror ticket lantern meadow"
+WORDS = WORDS.split()
+
+
+class FakeLLM:
+    """What stage one asks of vLLM's offline engine: `generate` (the analysis turn under
+    structured outputs, the reply turn with top-k log-probabilities) and `collective_rpc`
+    (the kept features). Replies are canned, distinct per prompt and per seed (a retry gets
+    another), and end with the end-of-turn token; the generated token is always the top-1."""
+
+    def __init__(self, tokenizer, feature_dim: int):
+        self.tok, self.dim = tokenizer, feature_dim
+        self.features: dict[str, list[float]] = {}  # what pool_reply_features answered
+
+    def _reply(self, prompt: str, seed) -> str:
+        if LOOP in prompt:
+            return "I'm so sorry. I'm so sorry."
+        h = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()
+        a, b, c = (WORDS[x % len(WORDS)] for x in h[:3])
+        return (
+            f"That sounds really hard, and it makes sense to feel this way. I am here with "
+            f"you: tell me about the {a}, the {b} and the {c}."
+        )
+
+    def generate(self, requests, params, use_tqdm=False):
+        outs = []
+        for request, p in zip(requests, params, strict=True):
+            prompt = self.tok.decode(request["prompt_token_ids"])
+            if p.structured_outputs is not None:  # the analysis turn
+                text = " sad\nFeelings: They feel let down and tired.\nSituation: A hard week."
+                ids, logprobs = self.tok.encode(text, add_special_tokens=False), None
+            else:
+                ids = self.tok.encode(self._reply(prompt, p.seed), add_special_tokens=False)
+                ids.append(self.tok.eos_token_id)
+                logprobs = [self._topk(t, p.logprobs) for t in ids] if p.logprobs else None
+            choice = SimpleNamespace(token_ids=ids, finish_reason="stop", logprobs=logprobs)
+            outs.append(
+                SimpleNamespace(outputs=[choice], prompt_token_ids=request["prompt_token_ids"])
+            )
+        return outs
+
+    @staticmethod
+    def _topk(token: int, k: int) -> dict:
+        others = [t for t in range(100, 100 + k + 1) if t != token][: k - 1]
+        lps = -0.1 - 1.5 * np.arange(k)
+        return {
+            t: SimpleNamespace(logprob=float(lp), rank=r + 1)
+            for r, (t, lp) in enumerate(zip([token, *others], lps, strict=True))
+        }
+
+    def collective_rpc(self, method: str, args=()):
+        assert method == "pool_reply_features"
+        (spans,) = args
+        answer = {}
+        for key in spans:
+            v = np.random.default_rng(abs(hash(key)) % 2**32).normal(size=self.dim)
+            answer[key] = self.features[key] = list(v / np.linalg.norm(v))
+        return [answer]
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, tiny_teacher):
+    from shared.models import load_tokenizer
+    from stage1_teacher import teacher_cache
+
+    starts = []
+    llm = FakeLLM(load_tokenizer(tiny_teacher), feature_dim=128)
+
+    def start_engine(cfg, *args, **kwargs):
+        starts.append(cfg.teacher.model)
+        return llm
+
+    monkeypatch.setattr(teacher_cache, "start_engine", start_engine)
+    return llm, starts
+
+
+def dialogues(folder: Path, n: int) -> Path:
+    path = folder / "train.jsonl"
+    lines = []
+    for i in range(n):
+        text = f"My week {i} went badly and I lost my keys twice."
+        if i == 2:
+            text += f" {LOOP}"
+        lines.append(
+            json.dumps(
+                {
+                    "dialogue": [{"role": "speaker", "text": text}],
+                    "privileged": {"situation": f"Week {i} at a new job."},
+                    "emotion": "sad",
+                    "reference": "That sounds exhausting.",
+                }
+            )
+        )
+    lines.append("{not json")  # a malformed record: set aside by the reader, counted
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_stage_one_main_on_a_fake_engine(tmp_path, tiny_teacher, fake_engine):
+    from stage1_teacher import teacher_cache
+
+    llm, starts = fake_engine
+    out = tmp_path / "cache"
+    cfg = PipelineConfig.model_validate(
+        {
+            "teacher": {"model": str(tiny_teacher), "max_new_tokens": 64},
+            "teacher_cache": {
+                "inputs": [str(dialogues(tmp_path, 7))],
+                "output": str(out),
+                "top_k": K,
+                "shard_size": 3,
+                "quality": {"retries": 2},
+            },
+        }
+    )
+    summary = teacher_cache.main(cfg)
+
+    # accounting: 7 dialogues + 1 malformed line; the looping one rejected after its retries
+    assert summary["examples_read"] == 8 and summary["accepted"] == 6
+    assert summary["rejected"] == 2 and summary["rejected_repetition"] == 1
+    assert summary["accepted_first_try"] == 6 and len(starts) == 1
+    rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    looped = [r for r in rejects if r.get("example_id")]
+    assert len(rejects) == 2 and len(looped) == 1
+    assert "repeats a sentence" in looped[0]["reason"] and "attempt 2:" in looped[0]["reason"]
+
+    # the shards hold exactly the accepted replies, with their top-k and features
+    manifest = verify_cache(out, top_k=K)
+    rows = [r for e in manifest["shards"] for r in read_rows(out / e["file"])]
+    assert len(rows) == 6 and not any(LOOP in r["dialogue"][0]["text"] for r in rows)
+    for r in rows:
+        assert r["teacher_response"].startswith("That sounds really hard")
+        assert r["teacher_emotion"] == "sad" and r["teacher_parse_ok"]
+        reply = np.asarray(r["response_token_ids"])
+        assert reply[-1] == llm.tok.eos_token_id  # the end of turn is kept: the student stops
+        assert r["topk_token_ids"].shape == (len(reply), K)
+        assert (r["topk_token_ids"][:, 0] == reply).all()
+        assert np.allclose(r["target_logprob"], -0.1)
+        exact = np.tile(-0.1 - 1.5 * np.arange(K), (len(reply), 1))
+        assert bucket_kl(exact, r["topk_logprobs"]).mean() <= 1e-3
+        stored, given = np.asarray(r["teacher_features"]), np.asarray(llm.features[r["example_id"]])
+        assert stored @ given / np.linalg.norm(stored) >= 0.999
+    assert len({r["teacher_response"] for r in rows}) == 6  # the generic check saw no copies
+
+    # the same command again: nothing to do, no engine
+    again = teacher_cache.main(cfg)
+    assert again["new_shards"] == 0 and again["already_cached"] == 6 and len(starts) == 1
+    assert again["accepted"] == 6 and again["rejected"] == 2  # the looping one stays set aside
