@@ -13,8 +13,16 @@ import pytest
 import yaml
 
 from shared import schema
-from shared.config import load_config
-from shared.schema import make_settings, new_row, read_manifest, write_manifest, write_shard
+from shared.config import PipelineConfig, load_config
+from shared.schema import (
+    make_settings,
+    new_row,
+    read_manifest,
+    read_rows,
+    write_manifest,
+    write_shard,
+)
+from stage1_teacher import quality
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -268,3 +276,92 @@ def run(tmp: Path, student: Path, shards: Path, output: Path, **distill) -> dict
 def losses_by_step(output: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: {k: v for k, v in r.items() if k not in ("seconds", "lr")} for r in rows}
+
+
+# ----------------------------------------------------------------------------- the engine kit
+# Settings and inputs of the real-engine tests (vLLM on the CPU, tiny models).
+
+# vLLM's CPU engine for tiny models, in every engine test
+ENGINE = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": 256 << 20,  # tiny models: leave memory to the jobs beside us
+    "max_model_len": 1024,
+    "seed": 0,
+}
+
+
+def long_jsonl(folder: Path) -> Path:
+    """Two good records and one dialogue too long for a 1024-token teacher context."""
+    path = folder / "extra.jsonl"
+    records = [
+        {
+            "dialogue": [{"role": "speaker", "text": "My cat is sick and I am scared."}],
+            "emotion": "afraid",
+        },
+        {
+            "dialogue": [{"role": "speaker", "text": "I won the chess club final!"}],
+            "privileged": {"situation": "Years of practice."},
+        },
+        {"dialogue": [{"role": "speaker", "text": "word " * 1500}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# The random tiny teacher writes noise: tests of the machinery (top-k, features, resume) turn
+# the gate's checks off; the gate has its own test below. A row without reply tokens is still
+# never written.
+GATE_OFF = {c: "off" for c in quality.CHECKS}
+
+
+def make_cfg(model: Path, inputs: list[Path], out: Path, **cache) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "teacher": {"model": str(model), "max_new_tokens": 12, "engine": ENGINE},
+            "teacher_cache": {
+                "inputs": [str(p) for p in inputs],
+                "output": str(out),
+                "top_k": 5,
+                "shard_size": 3,
+                "quality": GATE_OFF,
+                **cache,
+            },
+        }
+    )
+
+
+def shard_rows(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [r for e in manifest["shards"] for r in read_rows(out / e["file"])]
+
+
+# ----------------------------------------------------------------------------- media files
+# Written with PyAV and PIL themselves (imported when called: the CPU set-up installs both).
+
+FPS = 10
+STEP = 12  # brightness step per frame
+
+
+def write_video(path: Path, seconds: float = 2.0, size: int = 32, fps: int = FPS) -> Path:
+    """A short MPEG-4 clip whose frame i is a flat grey of brightness STEP * i (max 20 frames)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(round(seconds * fps)):
+            pixels = np.full((size, size, 3), min(STEP * i, 255), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def write_image(path: Path, color=(200, 40, 40), size=(48, 24)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return path

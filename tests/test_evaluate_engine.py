@@ -7,19 +7,11 @@ figures are noise, what is checked is that every stage runs and every number is 
 import json
 
 import pytest
-from conftest import DATA
+from conftest import DATA, ENGINE
 
 from shared.config import PipelineConfig
 
 pytestmark = pytest.mark.engine
-
-ENGINE = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "kv_cache_memory_bytes": 256 << 20,  # tiny models: leave memory to the jobs beside us
-    "max_model_len": 1024,
-    "seed": 0,
-}
 
 
 def test_evaluate_two_models_and_the_judge(tiny_teacher, tmp_path):

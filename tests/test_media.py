@@ -5,7 +5,6 @@ brightness 12 * i, so a sampled frame tells which frame of the clip it is."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,27 +15,7 @@ av = pytest.importorskip("av")
 np = pytest.importorskip("numpy")
 Image = pytest.importorskip("PIL.Image")
 
-FPS = 10
-STEP = 12  # brightness step per frame
-
-
-def write_video(path: Path, seconds: float = 2.0, size: int = 32, fps: int = FPS) -> Path:
-    """A short MPEG-4 clip whose frame i is a flat grey of brightness STEP * i (max 20 frames)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(round(seconds * fps)):
-            pixels = np.full((size, size, 3), min(STEP * i, 255), dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
-def write_image(path: Path, color=(200, 40, 40), size=(48, 24)) -> Path:
-    Image.new("RGB", size, color).save(path)
-    return path
+from conftest import STEP, write_image, write_video  # noqa: E402  (after importorskip)
 
 
 def frame_index(img) -> int:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_features_match
-from test_media import write_image, write_video
+from conftest import ENGINE, assert_features_match, write_image, write_video
 
 from shared.config import PipelineConfig
 from shared.models import (
@@ -28,13 +27,6 @@ from shared.models import (
 from shared.schema import read_rows, verify_cache
 from stage1_teacher import quality
 
-ENGINE = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "kv_cache_memory_bytes": 256 << 20,  # tiny models: leave memory to the jobs beside us
-    "max_model_len": 1024,
-    "seed": 0,
-}
 FRAMES = 3
 IMAGE_TOKENS = 16  # (32 px / 8 px patches)^2 per image or frame
 TEXT_VOCAB = 49152  # SmolLM2's; the tiny VLM's <image> is id 49152

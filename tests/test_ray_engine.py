@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import DATA, REPO
-from test_teacher_cache_engine import ENGINE, GATE_OFF, long_jsonl, make_cfg, shard_rows
+from conftest import DATA, ENGINE, GATE_OFF, REPO, long_jsonl, make_cfg, shard_rows
 
 from shared.readers import read_examples
 from shared.schema import verify_cache

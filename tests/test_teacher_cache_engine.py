@@ -19,67 +19,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, REPO, assert_features_match
+from conftest import (
+    DATA,
+    ENGINE,
+    GATE_OFF,
+    REPO,
+    assert_features_match,
+    long_jsonl,
+    make_cfg,
+    shard_rows,
+)
 
-from shared.config import PipelineConfig
 from shared.readers import read_examples
-from shared.schema import bucket_kl, read_rows, verify_cache
-from stage1_teacher import quality
+from shared.schema import bucket_kl, verify_cache
 
 pytestmark = pytest.mark.engine
-
-ENGINE = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "kv_cache_memory_bytes": 256 << 20,  # tiny models: leave memory to the jobs beside us
-    "max_model_len": 1024,
-    "seed": 0,
-}
-
-
-def long_jsonl(folder: Path) -> Path:
-    """Two good records and one dialogue too long for a 1024-token teacher context."""
-    path = folder / "extra.jsonl"
-    records = [
-        {
-            "dialogue": [{"role": "speaker", "text": "My cat is sick and I am scared."}],
-            "emotion": "afraid",
-        },
-        {
-            "dialogue": [{"role": "speaker", "text": "I won the chess club final!"}],
-            "privileged": {"situation": "Years of practice."},
-        },
-        {"dialogue": [{"role": "speaker", "text": "word " * 1500}]},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-# The random tiny teacher writes noise: tests of the machinery (top-k, features, resume) turn
-# the gate's checks off; the gate has its own test below. A row without reply tokens is still
-# never written.
-GATE_OFF = {c: "off" for c in quality.CHECKS}
-
-
-def make_cfg(model: Path, inputs: list[Path], out: Path, **cache) -> PipelineConfig:
-    return PipelineConfig.model_validate(
-        {
-            "teacher": {"model": str(model), "max_new_tokens": 12, "engine": ENGINE},
-            "teacher_cache": {
-                "inputs": [str(p) for p in inputs],
-                "output": str(out),
-                "top_k": 5,
-                "shard_size": 3,
-                "quality": GATE_OFF,
-                **cache,
-            },
-        }
-    )
-
-
-def shard_rows(out: Path) -> list[dict]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    return [r for e in manifest["shards"] for r in read_rows(out / e["file"])]
 
 
 def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
