@@ -51,17 +51,25 @@ FEATURE_INPUTS = ("feat_rows", "feat_cols", "feat_index")
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group; without a launcher, be rank 0 of 1."""
+    """Join the launcher's process group; without a launcher, be rank 0 of 1 (DeepSpeed reads
+    the launcher's variables, so they are set for this run: `main` takes them back)."""
     import deepspeed
 
     if "RANK" not in os.environ:
         with socket.socket() as s:  # a free port, so two single-process runs can coexist
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
+        one = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        one["MASTER_PORT"] = str(port)
+        for name, value in one.items():
+            if name not in os.environ:
+                os.environ[name] = value
+                _LAUNCHER_ENV.add(name)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+_LAUNCHER_ENV: set[str] = set()  # the launcher variables init_distributed set for one process
 
 
 def deepspeed_config(cfg: PipelineConfig, world_size: int, cuda: bool) -> dict[str, Any]:
@@ -670,9 +678,16 @@ def finish(run: Run, trained: dict[str, Any], t_start: float) -> dict[str, Any]:
 
 def main(cfg: PipelineConfig) -> dict[str, Any]:
     t_start = time.time()
-    plan = prepare(cfg)
-    run = build(cfg, plan)
-    return finish(run, train(run), t_start)
+    try:
+        plan = prepare(cfg)
+        run = build(cfg, plan)
+        return finish(run, train(run), t_start)
+    finally:
+        # The one-process group stays joined (DeepSpeed cannot join a second one), but the
+        # process's environment is given back: later code never sees a launcher that was not.
+        for name in _LAUNCHER_ENV:
+            os.environ.pop(name, None)
+        _LAUNCHER_ENV.clear()
 
 
 if __name__ == "__main__":
@@ -690,5 +705,5 @@ if __name__ == "__main__":
         result = main(load_config(args.config, args.pipeline, args.overrides))
     except PipelineError as e:
         raise SystemExit(f"error: {e}") from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # the launcher's
         print(json.dumps(result, indent=2))

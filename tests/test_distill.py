@@ -91,7 +91,10 @@ def test_pride_trains_exports_and_writes_outputs(tmp_path, tiny_student, cache):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    before = launcher & set(os.environ)
     summary = run(tmp_path, tiny_student, cache, out, max_steps=3, checkpoint_every=2)
+    assert launcher & set(os.environ) == before  # no launcher variables left behind
     assert summary["steps"] == "0 -> 3 (of 3)"
     names = ("resolved_config.yaml", "metrics.jsonl", "loss.png", "summary.json", "tensorboard")
     for name in names:
@@ -183,7 +186,7 @@ def test_two_ranks_under_torchrun(tmp_path, tiny_student, cache):
     out = tmp_path / "out"
     config = make_config(tmp_path, tiny_student, cache, out, max_steps=2)
     torchrun = Path(sys.executable).with_name("torchrun")
-    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")  # set by earlier tests
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")  # a test's own group
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m"]
