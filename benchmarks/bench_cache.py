@@ -40,8 +40,8 @@ def child(args: argparse.Namespace) -> None:
     """One `teacher-cache` run (local backend); its summary and peak memory (self and reaped
     children: the engine process) as the last line. Every shard's exact rows also go, in
     schema 4's layout, to `<output>-schema4/`: the before of the before/after."""
-    from shared.config import load_config
-    from stage1_teacher import teacher_cache, workers
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.stage1_teacher import teacher_cache, workers
 
     cfg = load_config(args.config, args.pipeline, args.overrides)
     before = Path(f"{cfg.teacher_cache.output}-schema4")
@@ -106,8 +106,8 @@ def train_child(args: argparse.Namespace) -> None:
     the per-step records and the peak memory as the last line."""
     import tempfile
 
-    from shared.config import load_config
-    from stage2_distill import stream
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.stage2_distill import stream
 
     if args.exact:
         import pyarrow.parquet as pq
@@ -130,7 +130,7 @@ def train_child(args: argparse.Namespace) -> None:
             return rows
 
         stream.decode_table = exact_rows
-    from stage2_distill.distill import main as distill
+    from empathy_distill.stage2_distill.distill import main as distill
 
     with tempfile.TemporaryDirectory() as out:
         sets = [
@@ -153,8 +153,8 @@ def run_child(args: argparse.Namespace, *extra: str) -> dict:
 
 
 def stream_rate(folder: Path, rows: int) -> float:
-    from shared.schema import read_manifest
-    from stage2_distill.stream import ShardStream
+    from empathy_distill.shared.schema import read_manifest
+    from empathy_distill.stage2_distill.stream import ShardStream
 
     manifest = read_manifest(folder)
     stream = ShardStream(folder, manifest["shards"], buffer_size=64)
@@ -184,7 +184,7 @@ def main() -> None:
     if args.train:
         return train_child(args)
 
-    from stage1_teacher.inspect_cache import Tolerance, rescore
+    from empathy_distill.stage1_teacher.inspect_cache import Tolerance, rescore
 
     results, curves = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

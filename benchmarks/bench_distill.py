@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 def child(args: argparse.Namespace) -> None:
     """Train one method for warmup + steps and print its step times and peak RSS as JSON."""
-    from shared.config import load_config
-    from stage2_distill.distill import main
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.stage2_distill.distill import main
 
     with tempfile.TemporaryDirectory() as out:
         overrides = [
@@ -54,11 +54,11 @@ def child(args: argparse.Namespace) -> None:
 
 def stream_rates(args: argparse.Namespace) -> tuple[float, float]:
     """Rows/s of the bare stream and of stream + encode + collate, over two passes."""
-    from shared.config import load_config
-    from shared.models import load_tokenizer
-    from shared.schema import read_manifest
-    from stage2_distill.batch import collate, encode_row
-    from stage2_distill.stream import ShardStream
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.shared.models import load_tokenizer
+    from empathy_distill.shared.schema import read_manifest
+    from empathy_distill.stage2_distill.batch import collate, encode_row
+    from empathy_distill.stage2_distill.stream import ShardStream
 
     cfg = load_config(args.config, args.pipeline)
     folder = Path(args.shards)

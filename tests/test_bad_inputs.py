@@ -10,7 +10,7 @@ import vllm  # noqa: F401  (its logger binds to the real stderr, not to a CliRun
 from conftest import DATA
 from typer.testing import CliRunner
 
-from pipeline_cli import app
+from empathy_distill.cli import app
 
 ED = str(DATA / "ed_sample.csv")
 

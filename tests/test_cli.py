@@ -10,7 +10,10 @@ from conftest import DATA, REPO
 
 def run(*args, cwd=REPO):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline_cli", *args], cwd=cwd, capture_output=True, text=True
+        [sys.executable, "-m", "empathy_distill.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
     )
 
 

@@ -4,8 +4,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from shared.config import PipelineConfig, load_config, write_resolved
-from shared.errors import PipelineError
+from empathy_distill.shared.config import PipelineConfig, load_config, write_resolved
+from empathy_distill.shared.errors import PipelineError
 
 
 def test_every_shipped_pipeline_validates():
@@ -76,7 +76,7 @@ def test_bad_set_syntax(tmp_path):
 
 
 def test_an_engine_setting_vllm_does_not_take_is_refused_with_the_close_match():
-    from shared.models import check_engine_settings
+    from empathy_distill.shared.models import check_engine_settings
 
     for name in yaml.safe_load((REPO / "pipelines.yaml").read_text())["pipelines"]:
         cfg = load_config(REPO / "pipelines.yaml", name)

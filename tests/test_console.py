@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     """
     import logging, os, subprocess, sys
     from pathlib import Path
-    from shared import console
+    from empathy_distill.shared import console
 
     log = Path(sys.argv[1])
     logging.basicConfig(level=logging.INFO)  # a library logger bound to sys.stderr at import
@@ -83,7 +83,7 @@ def test_a_rerun_appends_and_reads_only_its_own_errors(tmp_path):
 
 
 def test_without_real_descriptors_nothing_is_redirected(tmp_path, capsys):
-    from shared import console
+    from empathy_distill.shared import console
 
     # pytest's capture replaces sys.stdout with an object without file descriptor 1
     with console.quiet(tmp_path / "x.log"):

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import REPO, losses_by_step, make_cache, make_config, run
 
-from shared.config import load_config
-from shared.errors import PipelineError
-from shared.schema import (
+from empathy_distill.shared.config import load_config
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.schema import (
     MANIFEST,
     read_manifest,
     write_manifest,
@@ -28,7 +28,7 @@ from shared.schema import (
 
 @pytest.fixture
 def cache(tmp_path, tiny_student) -> Path:
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     folder = tmp_path / "cache"
     make_cache(folder, load_tokenizer(tiny_student))
@@ -73,7 +73,7 @@ def test_refuses_other_k(tmp_path, tiny_student, cache):
 
 def test_refuses_shard_from_another_cache(tmp_path, tiny_student, cache):
     """A shard copied in from a cache with another k, listed with a correct checksum."""
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     other = tmp_path / "other"
     make_cache(other, load_tokenizer(tiny_student), shards=1, k=3)
@@ -111,8 +111,8 @@ def test_pride_trains_exports_and_writes_outputs(tmp_path, tiny_student, cache):
 
 
 def test_every_configurable_method_has_a_training():
-    from shared.config import METHOD_NAMES
-    from stage2_distill.distill import METHODS
+    from empathy_distill.shared.config import METHOD_NAMES
+    from empathy_distill.stage2_distill.distill import METHODS
 
     assert set(METHODS) == set(METHOD_NAMES)
 
@@ -139,7 +139,7 @@ def test_each_method_runs(tmp_path, tiny_student, cache, method):
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_student, cache, monkeypatch):
     """Stop after step 3 (checkpoint at 2), resume: the same losses as one run of 5 steps."""
-    from stage2_distill import distill
+    from empathy_distill.stage2_distill import distill
 
     settings = {"max_steps": 5, "checkpoint_every": 2, "grad_accum": 2}
     run(tmp_path, tiny_student, cache, tmp_path / "whole", **settings)
@@ -165,7 +165,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_student, cache, monkeypatch)
 
 
 def test_new_shards_are_picked_up(tmp_path, tiny_student, cache):
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     out = tmp_path / "out"
     run(tmp_path, tiny_student, cache, out)
@@ -190,7 +190,7 @@ def test_two_ranks_under_torchrun(tmp_path, tiny_student, cache):
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m"]
-    cmd += ["stage2_distill.distill", "--config", str(config), "--pipeline", "t"]
+    cmd += ["empathy_distill.stage2_distill.distill", "--config", str(config), "--pipeline", "t"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -217,7 +217,7 @@ def test_other_zero_stages_train_and_export(tmp_path, tiny_student, cache, stage
 def test_deepspeed_config_per_device(tmp_path, tiny_student, cache):
     """torch's Adam and fp32 on the CPU; torch's fused AdamW (nothing to compile), bf16 and fp32
     gradient accumulation on GPUs; a config's own torch_adam=false (FusedAdam) is kept."""
-    from stage2_distill.distill import deepspeed_config
+    from empathy_distill.stage2_distill.distill import deepspeed_config
 
     cfg = load_config(make_config(tmp_path, tiny_student, cache, tmp_path / "o", grad_accum=2), "t")
     cpu, gpu = deepspeed_config(cfg, 2, cuda=False), deepspeed_config(cfg, 2, cuda=True)
@@ -241,7 +241,11 @@ def test_gpu_deepspeed_configs_initialize_and_step(tmp_path, tiny_student, cache
     import deepspeed
     import torch
 
-    from stage2_distill.distill import deepspeed_config, init_distributed, safe_checkpoint_engine
+    from empathy_distill.stage2_distill.distill import (
+        deepspeed_config,
+        init_distributed,
+        safe_checkpoint_engine,
+    )
 
     zero_file = str(REPO / "configs" / f"{zero}.json")
     settings = {"grad_accum": 2, "deepspeed": zero_file}
@@ -313,7 +317,7 @@ def test_a_resume_unpickles_nothing_but_tensors_and_plain_data(tmp_path, tiny_st
     its code never runs."""
     import torch
 
-    from shared.files import file_sha256
+    from empathy_distill.shared.files import file_sha256
 
     out = tmp_path / "out"
     run(tmp_path, tiny_student, cache, out)

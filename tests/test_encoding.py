@@ -4,7 +4,7 @@ cases, and the round trip through a real Parquet shard."""
 import numpy as np
 import pytest
 
-from shared import schema
+from empathy_distill.shared import schema
 
 
 def topk_of(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

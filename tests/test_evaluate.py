@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import DATA, REPO
 
-from evaluation import judge, report
-from shared.config import load_config, split_model_spec
-from shared.errors import PipelineError
-from shared.readers import read_examples
+from empathy_distill.evaluation import judge, report
+from empathy_distill.shared.config import load_config, split_model_spec
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.readers import read_examples
 
 
 def test_model_specs_and_their_paths(tmp_path):
@@ -34,7 +34,7 @@ def test_model_specs_and_their_paths(tmp_path):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline_cli", "evaluate", *args],
+        [sys.executable, "-m", "empathy_distill.cli", "evaluate", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -9,13 +9,13 @@ import json
 import pytest
 from conftest import DATA, ENGINE
 
-from shared.config import PipelineConfig
+from empathy_distill.shared.config import PipelineConfig
 
 pytestmark = pytest.mark.engine
 
 
 def test_evaluate_two_models_and_the_judge(tiny_teacher, tmp_path):
-    from evaluation.evaluate import main
+    from empathy_distill.evaluation.evaluate import main
 
     out = tmp_path / "eval"
     cfg = PipelineConfig.model_validate(

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage2_distill.losses import (
+from empathy_distill.stage2_distill.losses import (
     TAIL_FLOOR,
     cross_entropy,
     dpo_loss,

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from shared.readers import read_examples
-from stage1_teacher.media import MediaError, load_image, load_media, load_video
+from empathy_distill.shared.readers import read_examples
+from empathy_distill.stage1_teacher.media import MediaError, load_image, load_media, load_video
 
 av = pytest.importorskip("av")
 np = pytest.importorskip("numpy")

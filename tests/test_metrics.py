@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from evaluation import metrics
-from evaluation.metrics import bertscore_f1, bleu4, distinct, lcs_length, rouge_l, tokenize
+from empathy_distill.evaluation import metrics
+from empathy_distill.evaluation.metrics import (
+    bertscore_f1,
+    bleu4,
+    distinct,
+    lcs_length,
+    rouge_l,
+    tokenize,
+)
 
 
 def test_tokenize_lowercases_and_splits_punctuation():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from shared import models
+from empathy_distill.shared import models
 
 
 def test_weight_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):

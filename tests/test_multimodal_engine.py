@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import ENGINE, assert_features_match, write_image, write_video
 
-from shared.config import PipelineConfig
-from shared.models import (
+from empathy_distill.shared.config import PipelineConfig
+from empathy_distill.shared.models import (
     TINY_VLM_NAME,
     build_tiny_vlm,
     load_processor,
@@ -24,8 +24,8 @@ from shared.models import (
     media_token_ids,
     tokenizer_fingerprint,
 )
-from shared.schema import read_rows, verify_cache
-from stage1_teacher import quality
+from empathy_distill.shared.schema import read_rows, verify_cache
+from empathy_distill.stage1_teacher import quality
 
 FRAMES = 3
 IMAGE_TOKENS = 16  # (32 px / 8 px patches)^2 per image or frame
@@ -106,7 +106,7 @@ def test_text_fingerprint_ignores_the_image_token(tiny_vlm, embedded_teacher):
 
 @pytest.mark.engine
 def test_images_and_video_frames_through_vllm(tiny_vlm, embedded_teacher, tmp_path, monkeypatch):
-    from stage1_teacher import teacher_cache
+    from empathy_distill.stage1_teacher import teacher_cache
 
     out = tmp_path / "cache"
     inputs = mm_inputs(tmp_path)
@@ -141,7 +141,7 @@ def test_images_and_video_frames_through_vllm(tiny_vlm, embedded_teacher, tmp_pa
     assert checked["settings"]["media"] == {"frames": FRAMES, "image_size": None}
     check_against_transformers(tiny_vlm, rows)
     # `pipeline inspect --rescore` re-scores the rows with their frames (the recorded settings)
-    from stage1_teacher.inspect_cache import Tolerance, rescore
+    from empathy_distill.stage1_teacher.inspect_cache import Tolerance, rescore
 
     text, ok = rescore(out, 3, Tolerance())
     assert ok and "skipped" not in text, text
@@ -162,7 +162,7 @@ def check_against_transformers(model_dir: Path, rows: list[dict]) -> None:
     their int8 code step), and other pixels would have given other log-probabilities."""
     from transformers import LlavaForConditionalGeneration
 
-    from stage1_teacher.media import load_media
+    from empathy_distill.stage1_teacher.media import load_media
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = load_processor(model_dir)

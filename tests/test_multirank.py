@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import REPO, make_config, settings_for, synthetic_row
 
-from shared.schema import write_manifest, write_shard
+from empathy_distill.shared.schema import write_manifest, write_shard
 
 pytestmark = pytest.mark.slow
 ROWS = 8
@@ -56,7 +56,7 @@ def torchrun(config: Path, port: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(port), "-m", "stage2_distill.distill"]
+    cmd += ["--master_port", str(port), "-m", "empathy_distill.stage2_distill.distill"]
     cmd += ["--config", str(config), "--pipeline", "t"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -66,7 +66,7 @@ def torchrun(config: Path, port: int) -> subprocess.CompletedProcess:
 def test_skewed_ranks_train_resume_and_export(tmp_path, tiny_student, method, stage):
     from transformers import AutoModelForCausalLM
 
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     cache = skewed_cache(tmp_path / "cache", load_tokenizer(tiny_student))
     out = tmp_path / "out"

@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from shared import prompts
+from empathy_distill.shared import prompts
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 from conftest import REPO
 
-from shared import prompts
-from shared.config import QualityConfig
-from stage1_teacher import quality
+from empathy_distill.shared import prompts
+from empathy_distill.shared.config import QualityConfig
+from empathy_distill.stage1_teacher import quality
 
 Q = QualityConfig()
 CLEAN = "Oh no, that sounds so stressful. Do you know when the vet can see her?"
@@ -136,8 +136,8 @@ def test_markdown_reply_marker():
 
 
 def test_retries_sample_with_a_seed_per_example_and_attempt():
-    from shared.config import PipelineConfig
-    from stage1_teacher.teacher_cache import generation_params
+    from empathy_distill.shared.config import PipelineConfig
+    from empathy_distill.stage1_teacher.teacher_cache import generation_params
 
     cfg = PipelineConfig()
     first = generation_params(cfg, 0, "ex1")
@@ -154,8 +154,8 @@ def test_retries_sample_with_a_seed_per_example_and_attempt():
 def test_reply_sampling_is_for_the_reply_turns_only():
     """The analysis turn keeps `teacher.sampling` alone (a penalty there breaks its format);
     every reply turn gets `teacher.reply_sampling` over it, and the cache settings record it."""
-    from shared.config import PipelineConfig, load_config
-    from stage1_teacher.teacher_cache import generation_params
+    from empathy_distill.shared.config import PipelineConfig, load_config
+    from empathy_distill.stage1_teacher.teacher_cache import generation_params
 
     cfg = PipelineConfig()
     cfg.teacher.sampling = {"frequency_penalty": 0.1}
@@ -185,7 +185,7 @@ def test_not_every_unable_is_a_refusal():
 
 
 def test_a_bare_off_from_yaml_turns_a_check_off(tmp_path):
-    from shared.config import load_config
+    from empathy_distill.shared.config import load_config
 
     config = tmp_path / "p.yaml"
     config.write_text("pipelines:\n  t:\n    teacher_cache:\n      quality: {leak: off}\n")

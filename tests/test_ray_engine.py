@@ -19,8 +19,8 @@ import pytest
 import yaml
 from conftest import DATA, ENGINE, GATE_OFF, REPO, long_jsonl, make_cfg, shard_rows
 
-from shared.readers import read_examples
-from shared.schema import verify_cache
+from empathy_distill.shared.readers import read_examples
+from empathy_distill.shared.schema import verify_cache
 
 pytestmark = pytest.mark.engine
 
@@ -53,7 +53,7 @@ def dialogues(folder: Path, n: int) -> Path:
 def test_two_ray_workers_equal_one_process(tiny_teacher, tmp_path):
     """The same example ids, replies, top-k and features as the in-process run (greedy), one
     manifest with every example once, and a second run that does no teacher work."""
-    from stage1_teacher import teacher_cache
+    from empathy_distill.stage1_teacher import teacher_cache
 
     inputs = [DATA / "ed_sample.csv", long_jsonl(tmp_path)]
     local = teacher_cache.main(make_cfg(tiny_teacher, inputs, tmp_path / "local", shard_size=2))
@@ -121,7 +121,7 @@ def test_a_worker_killed_mid_unit_loses_and_duplicates_nothing(tiny_teacher, tmp
     config.write_text(
         yaml.safe_dump({"pipelines": {"t": {"teacher": teacher, "teacher_cache": cache}}})
     )
-    cmd = [sys.executable, "-m", "pipeline_cli", "teacher-cache", "--config", str(config)]
+    cmd = [sys.executable, "-m", "empathy_distill.cli", "teacher-cache", "--config", str(config)]
     cmd += ["--pipeline", "t"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import PipelineError
-from shared.readers import FORMATS, Example, detect_format, make_example_id, read_examples
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.readers import (
+    FORMATS,
+    Example,
+    detect_format,
+    make_example_id,
+    read_examples,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -414,7 +420,7 @@ def test_unreadable_inputs_are_one_readable_refusal(tmp_path):
 
 
 def test_a_symlinked_input_is_named_by_its_link(tmp_path):
-    from shared.config import load_config
+    from empathy_distill.shared.config import load_config
 
     blobs, snap = tmp_path / "blobs", tmp_path / "snap"
     blobs.mkdir(), snap.mkdir()

@@ -5,10 +5,10 @@ import pytest
 from conftest import settings
 from transformers import AutoTokenizer
 
-from shared.config import load_config
-from shared.errors import PipelineError
-from shared.readers import read_examples
-from shared.schema import read_manifest
+from empathy_distill.shared.config import load_config
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.readers import read_examples
+from empathy_distill.shared.schema import read_manifest
 
 
 def test_a_rerun_repairs_or_names_what_a_kill_or_a_hand_left(cache, capsys):
@@ -16,7 +16,7 @@ def test_a_rerun_repairs_or_names_what_a_kill_or_a_hand_left(cache, capsys):
     damaged one or an unlisted copy of cached examples stops the run naming the file."""
     import shutil
 
-    from stage1_teacher.teacher_cache import gate_rejects, reconcile_shards
+    from empathy_distill.stage1_teacher.teacher_cache import gate_rejects, reconcile_shards
 
     manifest = read_manifest(cache)
     assert reconcile_shards(cache, manifest, settings()) == {"id0", "id10", "id1", "id11"}
@@ -49,7 +49,7 @@ def test_a_rerun_repairs_or_names_what_a_kill_or_a_hand_left(cache, capsys):
 
 @pytest.mark.parametrize("damage", ["gone", "truncated", "not parquet", "rejects"])
 def test_inspect_names_what_is_wrong(cache, damage):
-    from stage1_teacher.inspect_cache import main as inspect
+    from empathy_distill.stage1_teacher.inspect_cache import main as inspect
 
     shard = cache / "shard-00001.parquet"
     if damage == "gone":
@@ -71,7 +71,7 @@ def test_limit_is_the_first_n_examples_so_a_resumed_run_equals_an_uninterrupted_
 ):
     from conftest import DATA, REPO
 
-    from stage1_teacher.teacher_cache import plan_work
+    from empathy_distill.stage1_teacher.teacher_cache import plan_work
 
     cfg = load_config(REPO / "pipelines.yaml", "demo", ["teacher_cache.limit=4"])
     tok = AutoTokenizer.from_pretrained(embedded_teacher)
@@ -92,7 +92,7 @@ def test_one_writer_per_folder_and_a_stale_lock_is_taken_over(tmp_path):
     import socket
     import subprocess
 
-    from stage1_teacher.teacher_cache import LOCK, writer_lock
+    from empathy_distill.stage1_teacher.teacher_cache import LOCK, writer_lock
 
     with writer_lock(tmp_path):
         held = json.loads((tmp_path / LOCK).read_text())

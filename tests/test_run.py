@@ -10,16 +10,16 @@ import pytest
 import yaml
 from conftest import REPO, make_cache
 
-from shared.config import load_config, write_resolved
+from empathy_distill.shared.config import load_config, write_resolved
 
 
 @pytest.fixture
 def pipeline(tmp_path, tiny_student, monkeypatch):
     """A config whose cache is synthetic, and a log of the stage calls."""
-    from evaluation import evaluate
-    from shared.models import load_tokenizer
-    from stage1_teacher import teacher_cache
-    from stage2_distill import distill
+    from empathy_distill.evaluation import evaluate
+    from empathy_distill.shared.models import load_tokenizer
+    from empathy_distill.stage1_teacher import teacher_cache
+    from empathy_distill.stage2_distill import distill
 
     cache = tmp_path / "cache"
     make_cache(cache, load_tokenizer(tiny_student), shards=1)
@@ -69,8 +69,8 @@ def statuses(summary) -> dict[str, str]:
 
 
 def test_run_skips_complete_stages(tmp_path, tiny_student, pipeline):
-    import run_pipeline
-    from shared.models import load_tokenizer
+    from empathy_distill import run_pipeline
+    from empathy_distill.shared.models import load_tokenizer
 
     path, cache, calls = pipeline
     run = lambda *sets: run_pipeline.main(load_config(path, "t", list(sets)))  # noqa: E731
@@ -114,9 +114,9 @@ def test_run_skips_complete_stages(tmp_path, tiny_student, pipeline):
 
 
 def test_run_stops_at_a_failing_stage_and_says_where(tmp_path, pipeline, monkeypatch):
-    import run_pipeline
-    from shared.errors import PipelineError
-    from stage1_teacher import teacher_cache
+    from empathy_distill import run_pipeline
+    from empathy_distill.shared.errors import PipelineError
+    from empathy_distill.stage1_teacher import teacher_cache
 
     path, _, calls = pipeline
 
@@ -134,7 +134,7 @@ def test_run_stops_at_a_failing_stage_and_says_where(tmp_path, pipeline, monkeyp
 
 
 def test_baselines_must_be_methods(tmp_path):
-    from shared.errors import PipelineError
+    from empathy_distill.shared.errors import PipelineError
 
     with pytest.raises(PipelineError, match="run.baselines"):
         load_config(REPO / "pipelines.yaml", "demo", ["run.baselines=[bogus]"])

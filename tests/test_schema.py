@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import row
 
-from shared.errors import PipelineError
-from shared.schema import (
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.schema import (
     SCHEMA_VERSION,
     SHARD_SCHEMA,
     read_manifest,

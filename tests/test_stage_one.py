@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from shared.config import PipelineConfig
-from shared.schema import bucket_kl, read_rows, verify_cache
+from empathy_distill.shared.config import PipelineConfig
+from empathy_distill.shared.schema import bucket_kl, read_rows, verify_cache
 
 K, LOOP = 5, "LOOPING"  # a dialogue holding LOOP gets a looping reply on every attempt
 WORDS = "garden kettle ladder window river pencil basket candle mirror ticket lantern meadow"
@@ -78,8 +78,8 @@ class FakeLLM:
 
 @pytest.fixture
 def fake_engine(monkeypatch, tiny_teacher):
-    from shared.models import load_tokenizer
-    from stage1_teacher import teacher_cache
+    from empathy_distill.shared.models import load_tokenizer
+    from empathy_distill.stage1_teacher import teacher_cache
 
     starts = []
     llm = FakeLLM(load_tokenizer(tiny_teacher), feature_dim=128)
@@ -115,7 +115,7 @@ def dialogues(folder: Path, n: int) -> Path:
 
 
 def test_stage_one_main_on_a_fake_engine(tmp_path, tiny_teacher, fake_engine):
-    from stage1_teacher import teacher_cache
+    from empathy_distill.stage1_teacher import teacher_cache
 
     llm, starts = fake_engine
     out = tmp_path / "cache"

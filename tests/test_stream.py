@@ -6,8 +6,8 @@ import itertools
 
 from conftest import make_cache
 
-from shared.schema import read_manifest
-from stage2_distill.stream import ShardStream
+from empathy_distill.shared.schema import read_manifest
+from empathy_distill.stage2_distill.stream import ShardStream
 
 
 def _ids(stream, n):
@@ -15,7 +15,7 @@ def _ids(stream, n):
 
 
 def _cache(tmp_path, tiny_student, **kw):
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     folder = tmp_path / "cache"
     make_cache(folder, load_tokenizer(tiny_student), **kw)
@@ -51,7 +51,7 @@ def test_restored_state_continues_exactly(tmp_path, tiny_student):
 
 
 def test_new_shards_are_read_next(tmp_path, tiny_student):
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     folder, shards = _cache(tmp_path, tiny_student, shards=2, rows=8, row_group_size=4)
     stream = ShardStream(folder, shards, buffer_size=1)

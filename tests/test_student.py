@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from stage2_distill.student import Student, export_student
+from empathy_distill.stage2_distill.student import Student, export_student
 
 
 class _Engine:
@@ -86,6 +86,6 @@ def test_gates_start_at_zero_and_features_are_pooled(tiny_student):
 
 
 def _tokenizer(folder):
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     return load_tokenizer(folder)

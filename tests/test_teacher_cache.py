@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from stage1_teacher.teacher_cache import FEATURE_KEY, ReplyFeatures
+from empathy_distill.stage1_teacher.teacher_cache import FEATURE_KEY, ReplyFeatures
 
 HIDDEN = 4
 
@@ -94,9 +94,9 @@ def test_engine_context_is_capped_at_the_model_and_dp_is_refused(tmp_path, capsy
     would refuse to start); data_parallel_size inside one engine: one readable line."""
     from transformers import LlamaConfig
 
-    from shared.config import PipelineConfig
-    from shared.errors import PipelineError
-    from stage1_teacher import teacher_cache
+    from empathy_distill.shared.config import PipelineConfig
+    from empathy_distill.shared.errors import PipelineError
+    from empathy_distill.stage1_teacher import teacher_cache
 
     LlamaConfig(max_position_embeddings=1024).save_pretrained(tmp_path)
     cfg = PipelineConfig()

@@ -30,8 +30,8 @@ from conftest import (
     shard_rows,
 )
 
-from shared.readers import read_examples
-from shared.schema import bucket_kl, verify_cache
+from empathy_distill.shared.readers import read_examples
+from empathy_distill.shared.schema import bucket_kl, verify_cache
 
 pytestmark = pytest.mark.engine
 
@@ -77,8 +77,8 @@ def check_rescore(out: Path, teacher: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
-    from pipeline_cli import app
-    from shared.schema import read_manifest, write_manifest
+    from empathy_distill.cli import app
+    from empathy_distill.shared.schema import read_manifest, write_manifest
 
     result = CliRunner().invoke(app, ["inspect", str(out), "--rescore", "4"])
     assert result.exit_code == 0, result.output
@@ -103,7 +103,7 @@ def check_rescore(out: Path, teacher: Path, tmp_path: Path) -> None:
 
 
 def test_cache_rerun_and_new_input(tiny_teacher, tmp_path, monkeypatch):
-    from stage1_teacher import teacher_cache
+    from empathy_distill.stage1_teacher import teacher_cache
 
     out = tmp_path / "cache"
     ed = DATA / "ed_sample.csv"
@@ -179,7 +179,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_teacher, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "pipeline_cli",
+        "empathy_distill.cli",
         "teacher-cache",
         "--config",
         str(config),
@@ -220,7 +220,7 @@ def test_embedded_teacher_through_the_cli(embedded_teacher, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "pipeline_cli",
+        "empathy_distill.cli",
         "teacher-cache",
         "--limit",
         "3",
@@ -264,7 +264,7 @@ def test_embedded_teacher_through_the_cli(embedded_teacher, tmp_path):
 def test_improve_mode_writes_preference_pairs(tiny_teacher, tmp_path, strategy, base):
     """Targeted improvement: the teacher rewrites a base reply; the improved reply is the target
     (top-k conditioned on the whole exchange) and (improved, base) is the preference pair."""
-    from stage1_teacher import teacher_cache
+    from empathy_distill.stage1_teacher import teacher_cache
 
     ed = DATA / "ed_sample.csv"
     examples, reader_rejects = read_examples(ed)
@@ -300,7 +300,7 @@ def test_gate_rejects_bad_replies_and_retries_reproducibly(tiny_teacher, tmp_pat
     short) gives rejects with each attempt's reasons, never an empty row; a retry is a seeded
     sample, so a second run into another folder writes the same replies and the same rejects;
     a rerun starts no engine and counts the same rejects."""
-    from stage1_teacher import teacher_cache
+    from empathy_distill.stage1_teacher import teacher_cache
 
     ed = DATA / "ed_sample.csv"
     n_ex, n_rej = (len(x) for x in read_examples(ed))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import losses_by_step, make_cache, run, settings_for, synthetic_row
 
-from shared.errors import PipelineError
-from shared.schema import write_manifest, write_shard
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.schema import write_manifest, write_shard
 
 DPO_KEYS = {"step", "dpo", "reward_margin", "reward_accuracy", "loss"}
 
@@ -36,7 +36,7 @@ def make_pair_cache(folder: Path, tokenizer, *, rows: int = 4) -> Path:
 
 @pytest.fixture
 def pairs(tmp_path, tiny_student) -> Path:
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     return make_pair_cache(tmp_path / "pairs", load_tokenizer(tiny_student))
 
@@ -83,7 +83,7 @@ def test_sft_on_originals_trains_on_both_replies(tmp_path, tiny_student, pairs):
 
 def test_resume_in_the_dpo_step_equals_uninterrupted(tmp_path, tiny_student, pairs, monkeypatch):
     """Checkpoints at 2 (the switch), 4, 6; stop after step 5, resume from 4 (inside DPO)."""
-    from stage2_distill import distill
+    from empathy_distill.stage2_distill import distill
 
     settings = {**SETTINGS, "sft_steps": 2, "dpo_steps": 4, "checkpoint_every": 2}
     run(tmp_path, tiny_student, pairs, tmp_path / "whole", **settings)
@@ -108,7 +108,7 @@ def test_resume_in_the_dpo_step_equals_uninterrupted(tmp_path, tiny_student, pai
 
 
 def test_refuses_a_cache_without_pairs(tmp_path, tiny_student):
-    from shared.models import load_tokenizer
+    from empathy_distill.shared.models import load_tokenizer
 
     answers = tmp_path / "answers"
     make_cache(answers, load_tokenizer(tiny_student), shards=1)

@@ -3,9 +3,9 @@ test_ray_engine.py)."""
 
 import random
 
-from shared.readers import Example
-from shared.schema import SHARD_NAME
-from stage1_teacher.workers import cpu_binds, split_units
+from empathy_distill.shared.readers import Example
+from empathy_distill.shared.schema import SHARD_NAME
+from empathy_distill.stage1_teacher.workers import cpu_binds, split_units
 
 
 def example(i: int) -> Example:

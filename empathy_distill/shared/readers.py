@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.errors import PipelineError
+from empathy_distill.shared.errors import PipelineError
 
 FORMATS = ("ed_csv", "wp_csv", "jsonl")
 SPLITS = ("train", "validation", "test")

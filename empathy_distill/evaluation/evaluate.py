@@ -25,19 +25,25 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from evaluation import judge, metrics, report
-from shared import console, prompts
-from shared.config import (
+from empathy_distill.evaluation import judge, metrics, report
+from empathy_distill.shared import console, prompts
+from empathy_distill.shared.config import (
     MODEL_KEYWORDS,
     PipelineConfig,
     open_output,
     split_model_spec,
     write_resolved,
 )
-from shared.errors import PipelineError
-from shared.files import atomic_write_text
-from shared.models import check_engine_settings, check_model, load_tokenizer, start_vllm, stop_vllm
-from shared.readers import Example, Reject, read_examples
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.files import atomic_write_text
+from empathy_distill.shared.models import (
+    check_engine_settings,
+    check_model,
+    load_tokenizer,
+    start_vllm,
+    stop_vllm,
+)
+from empathy_distill.shared.readers import Example, Reject, read_examples
 
 # ----------------------------------------------------------------------------- setup
 

@@ -1,8 +1,8 @@
 """Stage two: stream teacher shards into DeepSpeed training of the student, then export it.
 
     pipeline distill --pipeline demo                            # one process (CPU or one GPU)
-    torchrun --nproc_per_node 2 -m stage2_distill.distill --pipeline demo
-    deepspeed --num_gpus 8 --module stage2_distill.distill --pipeline ed-text
+    torchrun --nproc_per_node 2 -m empathy_distill.stage2_distill.distill --pipeline demo
+    deepspeed --num_gpus 8 --module empathy_distill.stage2_distill.distill --pipeline ed-text
 
 Reads `distill.shards` (a teacher cache), writes to `distill.output`: resolved_config.yaml,
 checkpoints/, metrics.jsonl, tensorboard/, loss.png, summary.json and final/ (the student as a
@@ -34,15 +34,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shared import console
-from shared.config import LossWeights, PipelineConfig, load_config, open_output, write_resolved
-from shared.errors import PipelineError
-from shared.files import atomic_write_text, file_sha256
-from shared.models import check_model, load_tokenizer, tokenizer_fingerprint
-from shared.schema import check_pairs, verify_cache
-from stage2_distill import losses, two_step
-from stage2_distill.batch import collate, encode_row, usable
-from stage2_distill.stream import ShardStream, check_shards
+from empathy_distill.shared import console
+from empathy_distill.shared.config import (
+    LossWeights,
+    PipelineConfig,
+    load_config,
+    open_output,
+    write_resolved,
+)
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.files import atomic_write_text, file_sha256
+from empathy_distill.shared.models import check_model, load_tokenizer, tokenizer_fingerprint
+from empathy_distill.shared.schema import check_pairs, verify_cache
+from empathy_distill.stage2_distill import losses, two_step
+from empathy_distill.stage2_distill.batch import collate, encode_row, usable
+from empathy_distill.stage2_distill.stream import ShardStream, check_shards
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pred_rows", "pred_cols")
 FEATURE_INPUTS = ("feat_rows", "feat_cols", "feat_index")
@@ -487,7 +493,7 @@ def build(cfg: PipelineConfig, plan: Plan) -> Run:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from stage2_distill.student import Student
+    from empathy_distill.stage2_distill.student import Student
 
     d, method, settings = cfg.distill, plan.method, plan.manifest["settings"]
     torch.manual_seed(d.seed)  # the new modules' initial weights
@@ -649,7 +655,7 @@ def train(run: Run) -> dict[str, Any]:
 def finish(run: Run, trained: dict[str, Any], t_start: float) -> dict[str, Any]:
     """Export the base model alone (the extra modules add nothing without privileged input),
     plot the losses and write the summary."""
-    from stage2_distill.student import export_student
+    from empathy_distill.stage2_distill.student import export_student
 
     plan, d, out = run.plan, run.cfg.distill, run.out
     export_student(run.engine, plan.tokenizer, out / "final", plan.rank)
@@ -698,7 +704,7 @@ if __name__ == "__main__":
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher adds it
     args = parser.parse_args()
-    from shared.models import stay_offline
+    from empathy_distill.shared.models import stay_offline
 
     stay_offline()
     try:

@@ -22,9 +22,9 @@ if TYPE_CHECKING:  # the central objects, named for readers and the type checker
     from transformers import ProcessorMixin as Processor
     from vllm import LLM
 
-from shared import console
-from shared.errors import PipelineError
-from shared.files import update_sha256
+from empathy_distill.shared import console
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.files import update_sha256
 
 MARKER = "pipeline-model.json"  # written last into a folder we built: its weight hashes
 TEACHER_NAME = "smollm2-135m-instruct"

@@ -16,9 +16,9 @@ from typing import Annotated
 
 import typer
 
-from shared import console
-from shared.config import METHOD_NAMES, PipelineConfig, load_config
-from shared.errors import PipelineError
+from empathy_distill.shared import console
+from empathy_distill.shared.config import METHOD_NAMES, PipelineConfig, load_config
+from empathy_distill.shared.errors import PipelineError
 
 app = typer.Typer(
     help="Distil empathetic dialogue from a teacher LLM (vLLM) into a small student (DeepSpeed).",
@@ -139,7 +139,7 @@ def teacher_cache(
         _fail(e)
     log = cfg.teacher_cache.output / "teacher-cache.log"
     summary = _run_stage(
-        "stage1_teacher.teacher_cache:main",
+        "empathy_distill.stage1_teacher.teacher_cache:main",
         cfg,
         log,
         verbose,
@@ -173,11 +173,11 @@ def inspect(
     teacher emotion agreement with the gold label; with --rescore, whether it still matches the
     teacher."""
     try:
-        from stage1_teacher.inspect_cache import Tolerance, main
+        from empathy_distill.stage1_teacher.inspect_cache import Tolerance, main
 
         typer.echo(main(folder))
         if rescore:
-            from stage1_teacher.inspect_cache import rescore as run_rescore
+            from empathy_distill.stage1_teacher.inspect_cache import rescore as run_rescore
 
             tol = Tolerance(max_logprob_error, max_kl, min_cosine)
             text, ok = run_rescore(folder, rescore, tol)
@@ -212,7 +212,8 @@ def distill(
 ) -> None:
     """Train the student under DeepSpeed from streamed teacher shards; export it to OUTPUT/final.
     Resumes from the last checkpoint (stream position included); new shards are trained on next.
-    Several ranks: torchrun --nproc_per_node N -m stage2_distill.distill --pipeline NAME."""
+    Several ranks: torchrun --nproc_per_node N -m empathy_distill.stage2_distill.distill
+    --pipeline NAME."""
     extra = []
     if shards:
         extra.append(f"distill.shards={json.dumps(_abs(shards))}")
@@ -230,14 +231,18 @@ def distill(
         _fail(e)
     log = cfg.distill.output / "distill.log"
     summary = _run_stage(
-        "stage2_distill.distill:main", cfg, log, verbose, f"pipeline distill --pipeline {pipeline}"
+        "empathy_distill.stage2_distill.distill:main",
+        cfg,
+        log,
+        verbose,
+        f"pipeline distill --pipeline {pipeline}",
     )
     _print_summary("distill summary", summary)
 
 
 def _model_spec(spec: str) -> str:
     """`teacher` / `student` stay keywords; a folder (or name=FOLDER) becomes absolute."""
-    from shared.config import MODEL_KEYWORDS, split_model_spec
+    from empathy_distill.shared.config import MODEL_KEYWORDS, split_model_spec
 
     try:
         name, target = split_model_spec(spec)
@@ -292,7 +297,11 @@ def evaluate(
         _fail(e)
     log = cfg.evaluate.output / "evaluate.log"
     summary = _run_stage(
-        "evaluation.evaluate:main", cfg, log, verbose, f"pipeline evaluate --pipeline {pipeline}"
+        "empathy_distill.evaluation.evaluate:main",
+        cfg,
+        log,
+        verbose,
+        f"pipeline evaluate --pipeline {pipeline}",
     )
     _print_summary("evaluate summary", summary)
 
@@ -310,11 +319,15 @@ def run(
         cfg = _config(config, pipeline, set_, [])
     except PipelineError as e:
         _fail(e)
-    from run_pipeline import format_table
+    from empathy_distill.run_pipeline import format_table
 
     log = cfg.distill.output.parent / "run.log"
     summary = _run_stage(
-        "run_pipeline:main", cfg, log, verbose, f"pipeline run --pipeline {pipeline}"
+        "empathy_distill.run_pipeline:main",
+        cfg,
+        log,
+        verbose,
+        f"pipeline run --pipeline {pipeline}",
     )
     typer.echo(f"\npipeline run {cfg.name}\n{format_table(summary['stages'])}")
     typer.echo(f"  (written to {summary['summary']})")
@@ -338,8 +351,8 @@ def setup_models(
     folder this command did not build is never touched. The set-up script runs it."""
     import yaml
 
-    from shared.config import MODEL_KEYWORDS, split_model_spec
-    from shared.models import build_model, embedded_recipe
+    from empathy_distill.shared.config import MODEL_KEYWORDS, split_model_spec
+    from empathy_distill.shared.models import build_model, embedded_recipe
 
     try:
         if pipeline:
@@ -365,7 +378,7 @@ def setup_models(
 
 
 def main() -> None:
-    from shared.models import stay_offline
+    from empathy_distill.shared.models import stay_offline
 
     stay_offline()
     app()

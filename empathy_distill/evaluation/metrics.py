@@ -23,7 +23,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from shared.errors import PipelineError
+from empathy_distill.shared.errors import PipelineError
 
 _TOKEN_RE = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 

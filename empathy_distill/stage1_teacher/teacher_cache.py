@@ -37,11 +37,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shared import console, prompts
-from shared.config import PipelineConfig, open_output, write_resolved
-from shared.errors import PipelineError
-from shared.files import atomic_write_text
-from shared.models import (
+from empathy_distill.shared import console, prompts
+from empathy_distill.shared.config import PipelineConfig, open_output, write_resolved
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.files import atomic_write_text
+from empathy_distill.shared.models import (
     check_engine_settings,
     check_model,
     is_multimodal,
@@ -54,8 +54,8 @@ from shared.models import (
     text_vocab,
     tokenizer_fingerprint,
 )
-from shared.readers import Example, Reject, read_examples
-from shared.schema import (
+from empathy_distill.shared.readers import Example, Reject, read_examples
+from empathy_distill.shared.schema import (
     REJECTS,
     SHARD_GLOB,
     make_settings,
@@ -65,9 +65,9 @@ from shared.schema import (
     settings_mismatch,
     write_manifest,
 )
-from stage1_teacher import quality
-from stage1_teacher.media import MediaError, load_media
-from stage1_teacher.workers import run_units, split_units
+from empathy_distill.stage1_teacher import quality
+from empathy_distill.stage1_teacher.media import MediaError, load_media
+from empathy_distill.stage1_teacher.workers import run_units, split_units
 
 # ----------------------------------------------------------------------------- setup
 
@@ -156,7 +156,7 @@ def reconcile_shards(
     its examples is already cached. A shard that cannot be read stops the run, naming it."""
     import pyarrow.parquet as pq
 
-    from shared.schema import SHARD_NAME, shard_entry
+    from empathy_distill.shared.schema import SHARD_NAME, shard_entry
 
     owner: dict[str, str] = {}  # example_id -> the shard that holds it
     kept = []
@@ -1065,7 +1065,7 @@ def merge_rejects(out: Path, rejects: list[Reject]) -> None:
     """rejects.jsonl: every run's rejects into this folder, once each (a rerun reads the same bad
     records), with the writers' own files (`schema.REJECTS_PARTS`) folded in and removed. Only
     the driver calls it, under the folder's lock."""
-    from shared.schema import REJECTS_PARTS
+    from empathy_distill.shared.schema import REJECTS_PARTS
 
     kept = {(r["origin"], r["reason"]): r for r in read_rejects(out)}
     for r in rejects:

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.errors import PipelineError
+from empathy_distill.shared.errors import PipelineError
 
 
 class Strict(BaseModel):

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.errors import PipelineError
-from shared.schema import check_shard_files, decode_table, stored_columns
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.schema import check_shard_files, decode_table, stored_columns
 
 # What training reads; the rest of a row (context ids, candidates, media, ...) is never decoded.
 COLUMNS = [

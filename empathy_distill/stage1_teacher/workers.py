@@ -30,11 +30,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shared import console
-from shared.config import PipelineConfig
-from shared.errors import PipelineError
-from shared.readers import Example, Reject
-from shared.schema import rejects_part, shard_name, write_shard
+from empathy_distill.shared import console
+from empathy_distill.shared.config import PipelineConfig
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.readers import Example, Reject
+from empathy_distill.shared.schema import rejects_part, shard_name, write_shard
 
 
 @dataclass
@@ -99,7 +99,7 @@ class CacheWorker:
         """This worker's cache settings, from its own copy of the teacher (model hash, tokenizer):
         the driver refuses to go on when a worker's differ from its own."""
         if self._settings is None:
-            from stage1_teacher.teacher_cache import teacher_settings
+            from empathy_distill.stage1_teacher.teacher_cache import teacher_settings
 
             self.tokenizer, self.processor, self._settings = teacher_settings(self.cfg)
         return self._settings
@@ -126,7 +126,7 @@ class CacheWorker:
         }
 
     def start(self, cpu_bind: str | None = None) -> None:
-        from stage1_teacher.teacher_cache import start_engine
+        from empathy_distill.stage1_teacher.teacher_cache import start_engine
 
         self.settings()
         if cpu_bind is not None:
@@ -141,7 +141,7 @@ class CacheWorker:
     def run(self, unit: Unit, seen: Counter | None = None, cpu_bind: str | None = None):
         """Answer one unit; its rejects are on disk before its shard (a kill in between at
         worst redoes the unit's examples, and the rejects are merged once each)."""
-        from stage1_teacher.teacher_cache import teacher_rows
+        from empathy_distill.stage1_teacher.teacher_cache import teacher_rows
 
         seconds: Counter = Counter()
         if self.llm is None:
@@ -175,7 +175,7 @@ class CacheWorker:
         return UnitResult(unit.name, self.writer, entry, rejects, generated, outcomes, seconds, new)
 
     def close(self) -> None:
-        from stage1_teacher.teacher_cache import stop_engine
+        from empathy_distill.stage1_teacher.teacher_cache import stop_engine
 
         stop_engine(self.llm)
         self.llm = None
@@ -288,7 +288,7 @@ def _schedule(ray, actors, units, settings, rc, RayActorError, RayTaskError):
         places = ray.get([a.where.remote() for a in actors])
     except RayTaskError as e:
         raise _worker_error(e) from None
-    from shared.schema import settings_mismatch
+    from empathy_distill.shared.schema import settings_mismatch
 
     for actor, theirs, place in zip(actors, found, places, strict=True):
         diff = settings_mismatch(theirs, settings)

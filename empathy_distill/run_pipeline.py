@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from shared.config import STAGES, PipelineConfig
-from shared.files import atomic_write_text
+from empathy_distill.shared.config import STAGES, PipelineConfig
+from empathy_distill.shared.files import atomic_write_text
 
 
 def distill_jobs(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
@@ -52,7 +52,7 @@ def distill_jobs(cfg: PipelineConfig) -> list[tuple[str, PipelineConfig]]:
 
 def evaluate_config(cfg: PipelineConfig) -> PipelineConfig:
     """`evaluate.models` plus every student this pipeline trains (names not already taken)."""
-    from shared.config import split_model_spec
+    from empathy_distill.shared.config import split_model_spec
 
     ev = cfg.model_copy(deep=True)
     names = {split_model_spec(m)[0] for m in ev.evaluate.models}
@@ -84,9 +84,9 @@ def evaluate_is_done(cfg: PipelineConfig) -> bool:
 
 
 def main(cfg: PipelineConfig) -> dict[str, Any]:
-    from evaluation import evaluate
-    from stage1_teacher import teacher_cache
-    from stage2_distill import distill
+    from empathy_distill.evaluation import evaluate
+    from empathy_distill.stage1_teacher import teacher_cache
+    from empathy_distill.stage2_distill import distill
 
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}  # each stage's own summary, as its command would print it

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shared.files import atomic_write_text
+from empathy_distill.shared.files import atomic_write_text
 
 QUALITY = (
     ("bertscore_f1", "BERTScore-F1"),

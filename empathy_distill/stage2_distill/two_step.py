@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shared.errors import PipelineError
-from stage2_distill import losses
-from stage2_distill.student import Student, export_student
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.stage2_distill import losses
+from empathy_distill.stage2_distill.student import Student, export_student
 
 REFERENCE = "sft_reference"
 MODEL_INPUTS = ("input_ids", "attention_mask", "pred_rows", "pred_cols")

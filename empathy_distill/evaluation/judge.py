@@ -18,9 +18,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from shared import console, prompts
-from shared.errors import PipelineError
-from shared.readers import read_examples
+from empathy_distill.shared import console, prompts
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.readers import read_examples
 
 Triple = tuple[list[dict], str, str]  # (dialogue, reply x, reply y)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
-from shared.errors import PipelineError
-from shared.schema import bucket_kl, read_rejects, read_rows, verify_cache
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.schema import bucket_kl, read_rejects, read_rows, verify_cache
 
 
 def _table(df: pl.DataFrame, title: str) -> str:
@@ -154,8 +154,8 @@ def rescore(folder: Path, n: int, tol: Tolerance, seed: int = 0) -> tuple[str, b
     import pyarrow.parquet as pq
     import torch
 
-    from shared.models import is_multimodal, load_processor, model_sha256
-    from stage1_teacher.media import MediaError, load_media
+    from empathy_distill.shared.models import is_multimodal, load_processor, model_sha256
+    from empathy_distill.stage1_teacher.media import MediaError, load_media
 
     folder = Path(folder)
     manifest = verify_cache(folder)

@@ -51,8 +51,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.errors import PipelineError
-from shared.files import atomic_write_text, file_sha256
+from empathy_distill.shared.errors import PipelineError
+from empathy_distill.shared.files import atomic_write_text, file_sha256
 
 # 2: improvement_strategy + base_response; 3: features at predicting positions;
 # 4: the quality gate's teacher_attempt + quality_flags, and the `sampling` setting;

@@ -35,7 +35,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
-from shared.config import QualityConfig
+from empathy_distill.shared.config import QualityConfig
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.prompts import student_prompt
+from empathy_distill.shared.prompts import student_prompt
 
 
 def encode_row(
