@@ -590,7 +590,7 @@ def answer_prompts(cfg, tokenizer, llm, batch, attempt: int = 0, processor=None,
     return replies, analyses
 
 
-def teacher_rows(
+def answer_shard(
     cfg: PipelineConfig,
     tokenizer,
     llm,

@@ -141,7 +141,7 @@ class CacheWorker:
     def run(self, unit: Unit, seen: Counter | None = None, cpu_bind: str | None = None):
         """Answer one unit; its rejects are on disk before its shard (a kill in between at
         worst redoes the unit's examples, and the rejects are merged once each)."""
-        from empathy_distill.stage1_teacher.teacher_cache import teacher_rows
+        from empathy_distill.stage1_teacher.teacher_cache import answer_shard
 
         seconds: Counter = Counter()
         if self.llm is None:
@@ -150,7 +150,7 @@ class CacheWorker:
             seconds["startup"] += time.time() - t0
         self.accepted.update(seen or {})
         before = Counter(self.accepted)
-        rows, rejects, generated, outcomes = teacher_rows(
+        rows, rejects, generated, outcomes = answer_shard(
             self.cfg,
             self.tokenizer,
             self.llm,
