@@ -29,10 +29,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # the central objects, named for readers and the type checker only
+    from deepspeed import DeepSpeedEngine
+
+    from empathy_distill.stage2_distill.student import Student
 
 from empathy_distill.shared import console
 from empathy_distill.shared.config import (
@@ -209,7 +214,7 @@ def log_step(record: dict, metrics, writer, bar) -> None:
 
 
 def save_checkpoint(
-    engine, ckpt_dir: Path, step: int, run_state: dict, rank: int, keep: int
+    engine: DeepSpeedEngine, ckpt_dir: Path, step: int, run_state: dict, rank: int, keep: int
 ) -> None:
     """Each rank's stream position first, then DeepSpeed's files, then (rank 0) the checksum of
     every file, and `latest` last: a checkpoint `latest` names is complete and summed, and a
@@ -272,7 +277,7 @@ def checkpoint_globals() -> list:
     ]
 
 
-def safe_checkpoint_engine(engine) -> None:
+def safe_checkpoint_engine(engine: DeepSpeedEngine) -> None:
     """Make `engine.load_checkpoint` unpickle with `torch.load(weights_only=True)`: DeepSpeed's
     own TorchCheckpointEngine hard-codes `weights_only=False`, which runs code from a pickle.
     Only the classes of `checkpoint_globals` may be rebuilt; a file that needs anything else is
@@ -400,8 +405,8 @@ class Run:
 
     cfg: PipelineConfig
     plan: Plan
-    model: Any  # the Student inside the engine
-    engine: Any
+    model: Student  # inside the engine
+    engine: DeepSpeedEngine
     stream: ShardStream
     make_batch: Callable[[list[dict], list[str]], dict]
     reference: Any = None  # sft-dpo: the frozen step-one model, once step two begins

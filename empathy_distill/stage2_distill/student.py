@@ -21,10 +21,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from empathy_distill.shared.models import Tokenizer
 
 
 class MultiSourceAttention(nn.Module):
@@ -180,7 +186,7 @@ class Student(nn.Module):
         return {"logits": logits, "features": features}
 
 
-def export_student(engine, tokenizer, folder: Path, rank: int) -> None:
+def export_student(engine: DeepSpeedEngine, tokenizer: Tokenizer, folder: Path, rank: int) -> None:
     """Save the base model (no multi-source attention, no projection) and the tokenizer as a plain
     Hugging Face folder. Under ZeRO-3 the partitioned weights are gathered first (every rank must
     call this); rank 0 writes."""

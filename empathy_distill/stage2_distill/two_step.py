@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,11 @@ import torch.distributed as dist
 from empathy_distill.shared.errors import PipelineError
 from empathy_distill.stage2_distill import losses
 from empathy_distill.stage2_distill.student import Student, export_student
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from empathy_distill.shared.models import Tokenizer
 
 REFERENCE = "sft_reference"
 MODEL_INPUTS = ("input_ids", "attention_mask", "pred_rows", "pred_cols")
@@ -49,7 +55,7 @@ def phase(sft_steps: int, step: int) -> str:
     return "sft" if step < sft_steps else "dpo"
 
 
-def save_reference(engine, tokenizer, out: Path, rank: int) -> None:
+def save_reference(engine: DeepSpeedEngine, tokenizer: Tokenizer, out: Path, rank: int) -> None:
     """The step-one model as a plain Hugging Face folder (every rank must call this)."""
     export_student(engine, tokenizer, out / REFERENCE, rank)
     dist.barrier()
