@@ -32,7 +32,7 @@ class Strict(BaseModel):
 
 
 class TeacherConfig(Strict):
-    # A model folder. The embedded default's folders are built on first use (shared/models.py).
+    # A model folder. The embedded default's folders are built by `pipeline setup-models`.
     model: Path = Path("models/smollm2-135m-instruct")
     # Passed as-is to vllm.LLM(...): engine settings are the engine's, not re-declared here.
     # The KV cache is sized in bytes, not as `gpu_memory_utilization`: on the CPU backend that
