@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -48,7 +48,11 @@ SetOpt = Annotated[
 def _config(
     config: Path, pipeline: str, overrides: list[str] | None, extra: list[str]
 ) -> PipelineConfig:
-    return load_config(config, pipeline, [*(overrides or []), *extra])
+    """The validated config, or one line and exit 1."""
+    try:
+        return load_config(config, pipeline, [*(overrides or []), *extra])
+    except PipelineError as e:
+        _fail(e)
 
 
 def _abs(path: Path) -> str:
@@ -57,7 +61,7 @@ def _abs(path: Path) -> str:
     return os.path.abspath(path)
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception) -> NoReturn:
     line = f"error: {err}"
     if console.log_has_content():
         line += f" (the engines' log: {console.log_file()})"
@@ -65,13 +69,26 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _run_stage(stage: str, cfg: PipelineConfig, log: Path, verbose: bool, title: str) -> dict:
-    """`stage`'s main(cfg) ("module:function", imported here: the engines log from their
-    import on) with those logs in `log` (on the terminal with --verbose); a PipelineError
+# command -> its main ("module:function") and the folder its log goes to
+STAGE_MAINS = {
+    "teacher-cache": ("empathy_distill.stage1_teacher.teacher_cache:main", "teacher_cache.output"),
+    "distill": ("empathy_distill.stage2_distill.distill:main", "distill.output"),
+    "evaluate": ("empathy_distill.evaluation.evaluate:main", "evaluate.output"),
+    "run": ("empathy_distill.run_pipeline:main", "distill.output.parent"),  # beside run_summary
+}
+
+
+def _run_stage(command: str, cfg: PipelineConfig, verbose: bool) -> dict:
+    """The command's main(cfg) (imported here: the engines log from their import on), with
+    those logs in `<folder>/<command>.log` (on the terminal with --verbose); a PipelineError
     becomes one line on the terminal and exit 1."""
     import importlib
+    from operator import attrgetter
 
+    stage, folder = STAGE_MAINS[command]
     module, function = stage.split(":")
+    log = attrgetter(folder)(cfg) / f"{command}.log"
+    title = f"pipeline {command} --pipeline {cfg.name}"
     with console.quiet(None if verbose else log, title):
         try:
             summary = getattr(importlib.import_module(module), function)(cfg)
@@ -133,18 +150,8 @@ def teacher_cache(
         extra.append(f"teacher_cache.limit={limit}")
     if format_:
         extra.append(f"teacher_cache.format={format_}")
-    try:
-        cfg = _config(config, pipeline, set_, extra)
-    except PipelineError as e:
-        _fail(e)
-    log = cfg.teacher_cache.output / "teacher-cache.log"
-    summary = _run_stage(
-        "empathy_distill.stage1_teacher.teacher_cache:main",
-        cfg,
-        log,
-        verbose,
-        f"pipeline teacher-cache --pipeline {pipeline}",
-    )
+    cfg = _config(config, pipeline, set_, extra)
+    summary = _run_stage("teacher-cache", cfg, verbose)
     _print_summary("teacher-cache summary", summary)
 
 
@@ -225,18 +232,8 @@ def distill(
         extra.append(f"distill.max_steps={max_steps}")
     if fresh:
         extra.append("distill.fresh=true")
-    try:
-        cfg = _config(config, pipeline, set_, extra)
-    except PipelineError as e:
-        _fail(e)
-    log = cfg.distill.output / "distill.log"
-    summary = _run_stage(
-        "empathy_distill.stage2_distill.distill:main",
-        cfg,
-        log,
-        verbose,
-        f"pipeline distill --pipeline {pipeline}",
-    )
+    cfg = _config(config, pipeline, set_, extra)
+    summary = _run_stage("distill", cfg, verbose)
     _print_summary("distill summary", summary)
 
 
@@ -292,17 +289,10 @@ def evaluate(
             extra.append(f"evaluate.baseline={json.dumps(baseline)}")
         if limit is not None:
             extra.append(f"evaluate.limit={limit}")
-        cfg = _config(config, pipeline, set_, extra)
     except PipelineError as e:
         _fail(e)
-    log = cfg.evaluate.output / "evaluate.log"
-    summary = _run_stage(
-        "empathy_distill.evaluation.evaluate:main",
-        cfg,
-        log,
-        verbose,
-        f"pipeline evaluate --pipeline {pipeline}",
-    )
+    cfg = _config(config, pipeline, set_, extra)
+    summary = _run_stage("evaluate", cfg, verbose)
     _print_summary("evaluate summary", summary)
 
 
@@ -315,20 +305,10 @@ def run(
 ) -> None:
     """Run a whole named pipeline: teacher-cache, distill (+ `run.baselines`), evaluate; stages
     whose outputs are complete are skipped. Prints and saves a table of the stages' times."""
-    try:
-        cfg = _config(config, pipeline, set_, [])
-    except PipelineError as e:
-        _fail(e)
     from empathy_distill.run_pipeline import format_table
 
-    log = cfg.distill.output.parent / "run.log"
-    summary = _run_stage(
-        "empathy_distill.run_pipeline:main",
-        cfg,
-        log,
-        verbose,
-        f"pipeline run --pipeline {pipeline}",
-    )
+    cfg = _config(config, pipeline, set_, [])
+    summary = _run_stage("run", cfg, verbose)
     typer.echo(f"\npipeline run {cfg.name}\n{format_table(summary['stages'])}")
     typer.echo(f"  (written to {summary['summary']})")
     if "log" in summary:
