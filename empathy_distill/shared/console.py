@@ -4,9 +4,10 @@ vLLM, DeepSpeed, torch.distributed and Ray write INFO logs from Python loggers b
 `sys.stdout`/`sys.stderr` at their import, from C++ straight to file descriptors 1 and 2, and
 from child processes (vLLM's engine core, Ray's workers) that inherit those descriptors. Only
 moving the descriptors themselves catches all of it: inside `quiet(log)`, descriptors 1 and 2
-point at the log file, and the command's own lines (`say`, progress bars on `err()`) go to copies
-of the terminal's descriptors taken on the way in. Outside it, or when stdout is not a real file
-(typer's test runner), everything goes where it always went.
+point at a temporary file, appended to `log` at the end, and the command's own lines (`say`,
+progress bars on `err()`) go to copies of the terminal's descriptors taken on the way in.
+Outside it, or when stdout is not a real file (typer's test runner), everything goes where it
+always went.
 """
 
 from __future__ import annotations
