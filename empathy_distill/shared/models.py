@@ -192,17 +192,16 @@ def build_model(folder: Path, rebuild: bool = False) -> bool:
     if recipe == "teacher":
         console.say(f"building the embedded teacher in {folder} (~30 s)")
         build_teacher(folder)
-    elif recipe == "student":
+    else:  # both derive from the embedded teacher beside them, built (or found intact) first
         teacher = folder.with_name(TEACHER_NAME)
         build_model(teacher)
-        n_keep = int(folder.name[len(STUDENT_PREFIX) : -1])
-        console.say(f"building the embedded student in {folder} ({n_keep} layers)")
-        build_student(check_model(teacher), folder, n_keep)
-    else:
-        teacher = folder.with_name(TEACHER_NAME)
-        build_model(teacher)
-        console.say(f"building the tiny random vision-language teacher in {folder}")
-        build_tiny_vlm(check_model(teacher), folder)
+        if recipe == "student":
+            n_keep = int(folder.name[len(STUDENT_PREFIX) : -1])
+            console.say(f"building the embedded student in {folder} ({n_keep} layers)")
+            build_student(teacher, folder, n_keep)
+        else:
+            console.say(f"building the tiny random vision-language teacher in {folder}")
+            build_tiny_vlm(teacher, folder)
     return True
 
 
