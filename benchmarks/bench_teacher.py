@@ -27,13 +27,20 @@ def plain_generation(cfg, tok, batch: list) -> tuple[float, int]:
     """Seconds and reply tokens of both turns, generated plainly (the cache's sampling)."""
     from empathy_distill.shared import prompts
     from empathy_distill.shared.models import start_vllm, stop_vllm
-    from empathy_distill.stage1_teacher.teacher_cache import answer_prompts, generation_params
+    from empathy_distill.stage1_teacher.teacher_cache import Teacher, generation_params
 
     t0 = time.time()
     llm = start_vllm(cfg.teacher.model, cfg.teacher.engine)
-    replies, _ = answer_prompts(cfg, tok, llm, batch)  # the analysis turn
+    teacher = Teacher(cfg, tok, llm)
+    # the analysis turn, then the reply turn that holds it: each over the whole batch at once
+    asked = [teacher.analysis_request(ex, ids, [], 0) for ex, ids in batch]
+    outs = llm.generate([r for r, _ in asked], [p for _, p in asked], use_tqdm=True)
+    replies = [
+        teacher.reply_ids(ex, teacher.read_analysis(o))
+        for (ex, _), o in zip(batch, outs, strict=True)
+    ]
     params = generation_params(cfg, stop=prompts.REPLY_STOP)  # the cache's, without logprobs
-    outs = llm.generate([{"prompt_token_ids": ids} for _, ids in replies], params, use_tqdm=True)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in replies], params, use_tqdm=True)
     seconds = time.time() - t0
     stop_vllm(llm)
     return seconds, sum(len(o.outputs[0].token_ids) for o in outs)

@@ -136,7 +136,7 @@ def main() -> None:
         for check, _ in found:
             plain_fail[check] += 1
         if quality.verdict(found, q) == "accept":
-            accepted[quality.normalise(reply)] += 1
+            quality.remember(accepted, reply, q)
             plain_ok.append(ex.example_id)
     refs = {ex.example_id: ex.reference or "" for ex in cached}
     encoder = TokenEncoder()

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from empathy_distill.stage1_teacher.teacher_cache import FEATURE_KEY, ReplyFeatures
 
@@ -76,6 +77,18 @@ def test_capture_keeps_the_tagged_requests_states_from_the_last_prompt_token_on(
     expected = torch.nn.functional.normalize(expected, dim=-1).mean(0)
     assert torch.allclose(torch.tensor(pooled["ex-a"]), expected, atol=1e-6)
     assert runner.reply_states == {}  # forgotten once fetched
+
+
+def test_pooling_forgets_the_pooled_and_dropped_states_only():
+    """Requests still running keep their states: stage one pools a unit's rows while the next
+    unit's requests are in the engine, and drops the attempts the gate turned down."""
+    runner = FakeRunner({"a": (2, "ex-a/0"), "b": (2, "ex-b/0"), "c": (2, "ex-c/1")})
+    worker = FakeWorker(runner)
+    worker.start_reply_capture()
+    step(runner, [("a", 0, 2), ("b", 0, 2), ("c", 0, 2)])
+    pooled = worker.pool_reply_features({"ex-a/0": (1, 2)}, ["ex-c/1"])
+    assert torch.allclose(torch.tensor(pooled["ex-a/0"]), F.normalize(state("a", 1), dim=0))
+    assert set(runner.reply_states) == {"ex-b/0"}
 
 
 def test_a_span_with_a_missing_state_pools_to_none():

@@ -218,3 +218,29 @@ def test_the_analysis_pattern_admits_each_worked_example_and_nothing_loose():
         " sad\nFeelings: low and tired today.\n\nSituation: a long move away.",  # blank line
     ):
         assert not re.fullmatch(prompts.ANALYSIS_PATTERN, loose)
+
+
+def test_stock_counts_the_openings_already_accepted():
+    accepted: Counter = Counter()
+    for i in range(5):
+        quality.remember(accepted, f"I'm so sorry to hear that job number {i} is gone.", Q)
+    reply = "I'm so SORRY to see you go through this."
+    # 5 of 5 accepted replies open with these 4 words: at stock_min and above stock_share
+    assert checks(reply, accepted=accepted) == ["stock"]
+    assert checks(reply, QualityConfig(stock_min=6), accepted=accepted) == []
+    assert checks(reply, QualityConfig(stock_words=5), accepted=accepted) == []
+    assert checks("That is hard news. " + reply, accepted=accepted) == []
+    # once other openings make it rarer than stock_share, it passes again
+    for i in range(96):
+        quality.remember(accepted, f"Reply number {i} opens its own way.", Q)
+    assert checks(reply, accepted=accepted) == []
+    assert checks(reply, QualityConfig(stock_share=0.04), accepted=accepted) == ["stock"]
+
+
+def test_remember_keeps_generic_and_stock_counts_in_one_counter():
+    accepted: Counter = Counter()
+    quality.remember(accepted, CLEAN, Q)
+    quality.remember(accepted, CLEAN.upper(), Q)
+    assert accepted[quality.normalise(CLEAN)] == 2
+    assert accepted[(quality.OPENING, "oh no that sounds")] == 2
+    assert accepted[quality.TOTAL] == 2

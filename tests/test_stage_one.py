@@ -21,14 +21,39 @@ WORDS = WORDS.split()
 
 
 class FakeLLM:
-    """What stage one asks of vLLM's offline engine: `generate` (the analysis turn under
-    structured outputs, the reply turn with top-k log-probabilities) and `collective_rpc`
-    (the kept features). Replies are canned, distinct per prompt and per seed (a retry gets
-    another), and end with the end-of-turn token; the generated token is always the top-1."""
+    """What stage one asks of vLLM's offline engine: `enqueue` and `llm_engine.step` (the
+    analysis turn under structured outputs, the reply turn with top-k log-probabilities) and
+    `collective_rpc` (the kept features). Replies are canned, distinct per prompt and per seed
+    (a retry gets another), and end with the end-of-turn token; the generated token is always
+    the top-1. A step finishes at most `per_step` requests, the latest first: the loop must
+    not depend on requests finishing in the order they were asked."""
 
-    def __init__(self, tokenizer, feature_dim: int):
-        self.tok, self.dim = tokenizer, feature_dim
+    def __init__(self, tokenizer, feature_dim: int, per_step: int = 2):
+        self.tok, self.dim, self.per_step = tokenizer, feature_dim, per_step
         self.features: dict[str, list[float]] = {}  # what pool_reply_features answered
+        self.queue: list[tuple[str, dict, object]] = []
+        self.most_in_flight = self.asked = 0
+        self.llm_engine = SimpleNamespace(
+            step=self._step,
+            abort_request=lambda ids: None,
+            vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256)),
+        )
+
+    def enqueue(self, requests, params, use_tqdm=False):
+        ids = []
+        for request, p in zip(requests, params, strict=True):
+            self.asked += 1
+            ids.append(str(self.asked))
+            self.queue.append((ids[-1], request, p))
+        self.most_in_flight = max(self.most_in_flight, len(self.queue))
+        return ids
+
+    def _step(self):
+        done, self.queue = self.queue[-self.per_step :], self.queue[: -self.per_step]
+        outs = self.generate([r for _, r, _ in done], [p for _, _, p in done])
+        for (request_id, _, _), out in zip(done, outs, strict=True):
+            out.request_id, out.finished = request_id, True
+        return outs
 
     def _reply(self, prompt: str, seed) -> str:
         if LOOP in prompt:
@@ -36,8 +61,8 @@ class FakeLLM:
         h = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()
         a, b, c = (WORDS[x % len(WORDS)] for x in h[:3])
         return (
-            f"That sounds really hard, and it makes sense to feel this way. I am here with "
-            f"you: tell me about the {a}, the {b} and the {c}."
+            f"{a.title()}, {b} and {c}: tell me about them. That sounds really hard, and it "
+            "makes sense to feel this way."
         )
 
     def generate(self, requests, params, use_tqdm=False):
@@ -68,7 +93,7 @@ class FakeLLM:
 
     def collective_rpc(self, method: str, args=()):
         assert method == "pool_reply_features"
-        (spans,) = args
+        spans, _ = args
         answer = {}
         for key in spans:
             v = np.random.default_rng(abs(hash(key)) % 2**32).normal(size=self.dim)
@@ -147,7 +172,7 @@ def test_stage_one_main_on_a_fake_engine(tmp_path, tiny_teacher, fake_engine):
     rows = [r for e in manifest["shards"] for r in read_rows(out / e["file"])]
     assert len(rows) == 6 and not any(LOOP in r["dialogue"][0]["text"] for r in rows)
     for r in rows:
-        assert r["teacher_response"].startswith("That sounds really hard")
+        assert r["teacher_response"].endswith("it makes sense to feel this way.")
         assert r["teacher_emotion"] == "sad" and r["teacher_parse_ok"]
         reply = np.asarray(r["response_token_ids"])
         assert reply[-1] == llm.tok.eos_token_id  # the end of turn is kept: the student stops
@@ -156,9 +181,11 @@ def test_stage_one_main_on_a_fake_engine(tmp_path, tiny_teacher, fake_engine):
         assert np.allclose(r["target_logprob"], -0.1)
         exact = np.tile(-0.1 - 1.5 * np.arange(K), (len(reply), 1))
         assert bucket_kl(exact, r["topk_logprobs"]).mean() <= 1e-3
-        stored, given = np.asarray(r["teacher_features"]), np.asarray(llm.features[r["example_id"]])
+        given = llm.features[f"{r['example_id']}/{r['teacher_attempt']}"]  # the kept attempt's
+        stored, given = np.asarray(r["teacher_features"]), np.asarray(given)
         assert stored @ given / np.linalg.norm(stored) >= 0.999
     assert len({r["teacher_response"] for r in rows}) == 6  # the generic check saw no copies
+    assert llm.most_in_flight == 3  # a shard's worth of examples at a time, kept full
 
     # the same command again: nothing to do, no engine
     again = teacher_cache.main(cfg)

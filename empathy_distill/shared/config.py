@@ -88,6 +88,7 @@ class QualityConfig(Strict):
     unparsed: Policy = "flag"
     leak: Policy = "retry"  # quotes leak_ngram+ consecutive words of a privileged note
     generic: Policy = "retry"  # the same reply already accepted generic_max times
+    stock: Policy = "retry"  # opens as stock_min+ and stock_share+ of the accepted replies do
     unchanged: Policy = "retry"  # improve mode: the rewrite equals the reply it improves
     min_words: int = Field(3, ge=1)
     loop_ngram: int = Field(4, ge=2)
@@ -95,6 +96,9 @@ class QualityConfig(Strict):
     leak_ngram: int = Field(6, ge=3)
     echo_ngram: int = Field(8, ge=3)
     generic_max: int = Field(1, ge=1)
+    stock_words: int = Field(4, ge=1)
+    stock_min: int = Field(5, ge=1)
+    stock_share: float = Field(0.05, gt=0.0, le=1.0)
     # Retries: only the failed examples, batched; attempt a of an example samples with a seed
     # derived from (engine seed, example_id, a), so a rerun gives the same reply.
     retries: int = Field(3, ge=0)

@@ -26,6 +26,9 @@ example (a fresh, seeded sample), rejects it, or keeps it with a flag, as the ch
   them too. The student never sees the notes, so such a reply would teach it to invent them.
 - `generic`: the same normalised reply was already accepted `generic_max` times in this cache
   (earlier shards included): one text serving many contexts teaches a student one answer.
+- `stock`: the reply's first `stock_words` words (normalised) already open at least `stock_min`
+  of the replies accepted so far and at least `stock_share` of them. A stock opening ("I'm so
+  sorry to ...") on a quarter of a cache is what a student learns first, and then loops on.
 - `unchanged` (improve mode): the improved reply equals the reply it was asked to improve.
 """
 
@@ -58,8 +61,14 @@ CHECKS = (
     "unparsed",
     "leak",
     "generic",
+    "stock",
     "unchanged",
 )
+# In an `accepted` Counter (the replies accepted so far, see `remember`): normalised replies are
+# str keys; these tuple keys count the opening sentences and all accepted replies. One Counter, so
+# the Ray driver can merge and diff the workers' counts as it does any Counter.
+OPENING = "opening"
+TOTAL = ("replies",)
 
 
 def words(text: str) -> list[str]:
@@ -73,6 +82,19 @@ def normalise(text: str) -> str:
 
 def sentences(text: str) -> list[str]:
     return [s for s in (normalise(p) for p in _SENTENCE_SPLIT.split(text or "")) if s]
+
+
+def opening(text: str, n: int = 4) -> str:
+    """The first `n` words of `text`, normalised."""
+    return " ".join(words(text)[:n])
+
+
+def remember(accepted: Counter, reply: str, q: QualityConfig) -> None:
+    """Count one accepted reply: its text (the `generic` check), its opening and the total (the
+    `stock` check)."""
+    accepted[normalise(reply)] += 1
+    accepted[(OPENING, opening(reply, q.stock_words))] += 1
+    accepted[TOTAL] += 1
 
 
 def repeated_sentence(text: str) -> str | None:
@@ -141,9 +163,9 @@ def check_reply(
 ) -> list[tuple[str, str]]:
     """Every check `reply` fails, as (check, reason) pairs; checks whose policy is `off` are
     skipped. `dialogue` is the text the student does see (words it says are no leak); `speaker`
-    the speaker's own turns (the `echo` check); `accepted` counts the normalised replies already
-    accepted (the `generic` check); `base` is the reply an improve-mode answer rewrote (the
-    `unchanged` check)."""
+    the speaker's own turns (the `echo` check); `accepted` counts the replies already accepted
+    (see `remember`: the `generic` and `stock` checks); `base` is the reply an improve-mode answer
+    rewrote (the `unchanged` check)."""
     on = {c for c in CHECKS if q.policy(c) != "off"}
     found: list[tuple[str, str]] = []
     n_words = len(words(reply))
@@ -175,6 +197,13 @@ def check_reply(
         times = accepted.get(normalise(reply), 0)
         if times >= q.generic_max:
             found.append(("generic", f"the same reply was already accepted {times} times"))
+    if "stock" in on and accepted is not None and n_words:
+        first = opening(reply, q.stock_words)
+        times, total = accepted.get((OPENING, first), 0), accepted.get(TOTAL, 0)
+        if times >= q.stock_min and times >= q.stock_share * total:
+            found.append(
+                ("stock", f"opens like {times} of the {total} replies accepted: {first[:60]!r}")
+            )
     if "unchanged" in on and base is not None and normalise(reply) == normalise(base):
         found.append(("unchanged", "the improved reply equals the reply it was to improve"))
     return found

@@ -29,16 +29,23 @@ import json
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from empathy_distill.shared import console, prompts
-from empathy_distill.shared.config import PipelineConfig, open_output, write_resolved
+from empathy_distill.shared.config import (
+    PipelineConfig,
+    QualityConfig,
+    open_output,
+    write_resolved,
+)
 from empathy_distill.shared.errors import PipelineError
 from empathy_distill.shared.files import atomic_write_text
 from empathy_distill.shared.models import (
@@ -464,22 +471,26 @@ class ReplyFeatures:
         runner._model_forward = capture
         runner.reply_states = states
 
-    def pool_reply_features(self, spans: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    def pool_reply_features(
+        self, spans: dict[str, tuple[int, int]], drop: list[str] = ()
+    ) -> dict[str, Any]:
         """{key: mean of the L2-normalised kept states at token indices [lo, hi)}, None when one
-        is missing; then forget every kept state."""
+        is missing; then forget those keys' states and the states kept under `drop` (attempts
+        the gate turned down). Other requests may still be running: their states stay."""
         import torch
         import torch.nn.functional as F
 
         states = self.model_runner.reply_states
         pooled: dict[str, Any] = {}
         for key, (lo, hi) in spans.items():
-            kept = states.get(key, {})
+            kept = states.pop(key, {})
             if hi > lo and all(i in kept for i in range(lo, hi)):
                 span = torch.stack([kept[i] for i in range(lo, hi)]).float()
                 pooled[key] = F.normalize(span, dim=-1).mean(0).tolist()
             else:
                 pooled[key] = None
-        states.clear()
+        for key in drop:
+            states.pop(key, None)
         return pooled
 
 
@@ -553,86 +564,162 @@ def generation_params(
     return SamplingParams(**{**settings, **extra})
 
 
-def answer_prompts(cfg, tokenizer, llm, batch, attempt: int = 0, processor=None, vocab=None):
-    """The analysis turn of the answer mode: the teacher's step-by-step analysis of each example
-    (its pending ids are the analysis prompt), then each example's reply-turn prompt ids, which
-    hold that analysis. Returns the reply batch and the parsed analyses."""
-    from vllm.sampling_params import StructuredOutputsParams
+# ----------------------------------------------------------------------------- the engine loop
 
-    extras = media_extras(processor, vocab) if vocab is not None else []
-    requests, params = [], []
-    for ex, ids in batch:
-        request: dict[str, Any] = {"prompt_token_ids": ids}
-        if processor is not None and ex.media:
-            request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
-        requests.append(request)
-        params.append(
-            generation_params(
-                cfg,
-                attempt,
-                ex.example_id,
-                reply=False,
-                stop=prompts.ANALYSIS_STOP,
-                max_tokens=prompts.ANALYSIS_MAX_TOKENS,
-                structured_outputs=StructuredOutputsParams(regex=prompts.ANALYSIS_PATTERN),
-                allowed_token_ids=list(range(vocab)) if extras else None,
-            )
-        )
-    outs = llm.generate(requests, params, use_tqdm=False)
-    analyses, replies = [], []
-    for (ex, _), request, out in zip(batch, requests, outs, strict=True):
-        ids = out.outputs[0].token_ids
-        analysis = prompts.parse_analysis(tokenizer.decode(ids, skip_special_tokens=True))
-        n_images = len(request.get("multi_modal_data", {}).get("image", []))
-        text = prompts.reply_prompt(processor or tokenizer, ex.dialogue, analysis, n_images)
-        analyses.append(analysis)
-        replies.append((ex, tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return replies, analyses
+# One generation: vLLM's prompt (token ids, a VLM's images) and its SamplingParams.
+Request = tuple[dict[str, Any], Any]
+# One example's exchange with the teacher, written as straight-line code: it yields each request
+# and is sent that request's finished RequestOutput; what it returns is its result.
+Exchange = Generator[Request, Any, Any]
 
 
-def answer_shard(
-    cfg: PipelineConfig,
-    tokenizer,
-    llm,
-    batch: list[tuple[Example, list[int]]],
-    processor=None,
-    vocab: int | None = None,
-    seconds: Counter | None = None,
-    accepted: Counter | None = None,
-):
-    """Run the teacher over one shard's examples, through the quality gate.
+class EngineLoop:
+    """Runs many exchanges through one engine at once, and keeps the engine's batch full.
 
-    Returns (rows, rejects, generated token count, outcomes). Every reply is checked
-    (`stage1_teacher/quality.py`); the examples the gate sends back are asked again together,
-    up to `quality.retries` times, and an example still failing after its last attempt becomes
-    a `Reject` naming each attempt's reasons. A row's top-k, target log-probabilities and
-    features are those of the attempt it keeps, conditioned on exactly that attempt's context.
-    `accepted` counts the normalised replies accepted so far in the cache (the `generic` check)
-    and is updated. `outcomes` counts first-try and retried acceptances and rejects per check.
-    `seconds` adds up where the time went (generation, pooling the kept hidden states).
+    `llm.generate` over a batch returns when the batch's longest sequence ends. Stage one ran
+    that way turn by turn: each shard's analysis turn, then its reply turn, then each round of
+    retries, so the last few sequences of every round ran at a batch of one or two (the README's
+    profile: that tail was the capture's extra time). Here an example moves on the moment its own
+    request finishes (to its reply turn, its retry), and the caller tops the batch up with new
+    examples after every step. `llm.enqueue` and `llm.llm_engine.step` are what `llm.generate`
+    itself runs on."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.waiting: dict[str, tuple[Exchange, Callable[[Any], None]]] = {}
+
+    def start(self, exchange: Exchange, done: Callable[[Any], None]) -> None:
+        """Run `exchange` up to its first request; `done(result)` when it ends."""
+        self._advance(exchange, None, done)
+
+    def _advance(self, exchange: Exchange, output, done: Callable[[Any], None]) -> None:
+        try:
+            request, params = exchange.send(output)
+        except StopIteration as end:
+            done(end.value)
+            return
+        [request_id] = self.llm.enqueue([request], [params], use_tqdm=False)
+        # enqueue answers the engine's internal id ("<LLM's counter>-<8 random characters>");
+        # outputs (and abort_request) name the request by the counter alone
+        self.waiting[request_id.split("-", 1)[0]] = (exchange, done)
+
+    def step(self) -> None:
+        """One engine step; each request it finished goes back to its exchange."""
+        for out in self.llm.llm_engine.step():
+            if out.finished:
+                exchange, done = self.waiting.pop(out.request_id)
+                self._advance(exchange, out, done)
+
+    def abort(self) -> None:
+        """Drop every request in flight (the job is ending on an error)."""
+        if self.waiting:
+            self.llm.llm_engine.abort_request(list(self.waiting))
+            self.waiting.clear()
+
+
+@dataclass
+class Attempt:
+    """One attempt's exchange: the row it would write, the reply it rewrote (improve mode), what
+    the gate found in its earlier turns, and the tokens generated in its last turn."""
+
+    row: dict[str, Any]
+    base: str | None
+    problems: list[tuple[str, str]]
+    generated: int
+
+
+@dataclass
+class UnitWork:
+    """A unit's examples in flight: what each one ended as, and the unit's tallies."""
+
+    unit: Any  # workers.Unit
+    left: int
+    rows: dict[int, dict] = field(default_factory=dict)
+    rejects: dict[int, Reject] = field(default_factory=dict)
+    generated: int = 0
+    outcomes: Counter = field(default_factory=Counter)
+    dropped: list[str] = field(default_factory=list)  # failed attempts' feature keys
+
+
+class Teacher:
+    """The teacher's side of stage one on one engine: every example's exchange (the analysis
+    turn, then the reply turn with its top-k and kept hidden states; the improve mode's turns)
+    through the quality gate and its retries, as many examples at a time as one shard holds.
 
     With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
     vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
     never generated and left out of the stored top-k."""
-    q = cfg.teacher_cache.quality
-    accepted = Counter() if accepted is None else accepted
-    seconds = Counter() if seconds is None else seconds
-    rows: dict[int, dict] = {}
-    failures: dict[int, list[str]] = {i: [] for i in range(len(batch))}
-    outcomes: Counter = Counter()
-    final_check: dict[int, str] = {}  # the check that set a rejected example aside
-    generated, todo = 0, list(range(len(batch)))
-    for attempt in range(q.retries + 1):
-        if not todo:
-            break
-        tried, n_gen = attempt_rows(
-            cfg, tokenizer, llm, [batch[i] for i in todo], attempt, processor, vocab, seconds
-        )
-        generated += n_gen
-        retry, keep = [], []
-        for i, (row, base) in zip(todo, tried, strict=True):
-            ex = batch[i][0]
-            found = row.pop("turn_problems") + quality.check_reply(
+
+    def __init__(self, cfg: PipelineConfig, tokenizer, llm, processor=None, vocab=None):
+        self.cfg, self.tok, self.llm, self.processor = cfg, tokenizer, llm, processor
+        self.extras = media_extras(processor, vocab) if vocab is not None else []
+        # the student's vocabulary has no media placeholder: the teacher may not generate one
+        self.allowed = list(range(vocab)) if self.extras else None
+
+    def answer(
+        self, units: list, accepted: Counter, seconds: Counter
+    ) -> Iterator[tuple[Any, list[dict], list[Reject], int, Counter]]:
+        """(unit, rows, rejects, generated token count, outcomes) for each unit, in the order
+        the units finish. Every reply is checked (`stage1_teacher/quality.py`); an example the
+        gate sends back is asked again at once, up to `quality.retries` times, and one still
+        failing after its last attempt becomes a `Reject` naming each attempt's reasons. A row's
+        top-k, target log-probabilities and features are those of the attempt it keeps,
+        conditioned on exactly that attempt's context. `accepted` counts the replies accepted so
+        far in the cache (`quality.remember`) and is updated; `outcomes` counts first-try and
+        retried acceptances and rejects per check; `seconds` adds up where the time went.
+
+        At most `shard_size` examples are in flight (a unit's worth; within vLLM's max_num_seqs),
+        the next unit's examples filling in as the earlier ones finish."""
+        loop = EngineLoop(self.llm)
+        works = [UnitWork(unit, len(unit.batch)) for unit in units]
+        todo = deque((work, i) for work in works for i in range(work.left))
+        finished: deque[UnitWork] = deque()
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        room = min(self.cfg.teacher_cache.shard_size, scheduler.max_num_seqs)
+
+        def ended(work: UnitWork, i: int, result) -> None:
+            if isinstance(result, Reject):
+                work.rejects[i] = result
+            else:
+                work.rows[i] = result
+            work.left -= 1
+            if not work.left:
+                finished.append(work)
+
+        def feed() -> None:
+            while todo and len(loop.waiting) < room:
+                work, i = todo.popleft()
+                ex, ids = work.unit.batch[i]
+                loop.start(self.gated(ex, ids, work, accepted), partial(ended, work, i))
+
+        try:
+            while todo or loop.waiting or finished:
+                t0 = time.time()
+                feed()
+                if loop.waiting:
+                    loop.step()
+                seconds["generate"] += time.time() - t0
+                while finished:
+                    work = finished.popleft()
+                    rows = [work.rows[i] for i in sorted(work.rows)]
+                    self.pool_features(rows, work.dropped, seconds)
+                    rejects = [work.rejects[i] for i in sorted(work.rejects)]
+                    yield work.unit, rows, rejects, work.generated, work.outcomes
+        finally:
+            loop.abort()
+
+    # -- one example
+
+    def gated(self, ex: Example, ids: list[int], work: UnitWork, accepted: Counter) -> Exchange:
+        """One example through the gate: attempt after attempt until one passes or the last
+        fails. Returns the row to write, or the example's `Reject`."""
+        q = self.cfg.teacher_cache.quality
+        reasons: list[str] = []
+        for attempt in range(q.retries + 1):
+            tried = yield from self.exchange(ex, ids, attempt)
+            row = tried.row
+            work.generated += tried.generated
+            found = tried.problems + quality.check_reply(
                 row["teacher_response"],
                 q,
                 parse_ok=row["teacher_parse_ok"],
@@ -641,108 +728,78 @@ def answer_shard(
                 dialogue=prompts.render_dialogue(ex.dialogue),
                 speaker=quality.speaker_text(ex.dialogue),
                 accepted=accepted,
-                base=base,
+                base=tried.base,
             )
-            failures[i].append(f"attempt {attempt}: " + "; ".join(r for _, r in found))
+            reasons.append(f"attempt {attempt}: " + "; ".join(r for _, r in found))
             decision = quality.verdict(found, q)
             if not row["response_token_ids"] and decision == "accept":
                 # whatever the policies say, a row without reply tokens is never written
                 found.append(("empty", "no reply tokens"))
-                failures[i][-1] += "; no reply tokens" if found[:-1] else "no reply tokens"
+                reasons[-1] += "; no reply tokens" if found[:-1] else "no reply tokens"
                 decision = "retry"
-            if decision == "retry" and attempt < q.retries:
-                retry.append(i)
-                continue
             if decision != "accept":
+                work.dropped.append(row["feature_key"])
+                if decision == "retry" and attempt < q.retries:
+                    continue
                 check = next(c for c, _ in found if q.policy(c) != "flag")
-                outcomes[f"rejected_{check}"] += 1
-                final_check[i] = check
-                continue
-            failures.pop(i)
+                work.outcomes[f"rejected_{check}"] += 1
+                return Reject(
+                    ex.origin,
+                    f"teacher reply failed the quality gate ({check}): " + " | ".join(reasons),
+                    json.dumps(ex.dialogue, ensure_ascii=False)[:500],
+                    ex.example_id,
+                )
             row["teacher_attempt"] = attempt
             row["quality_flags"] = [check for check, _ in found]
-            rows[i] = row
-            keep.append(i)
-            accepted[quality.normalise(row["teacher_response"])] += 1
-            outcomes["accepted_first_try" if attempt == 0 else "accepted_after_retry"] += 1
-        pool_features(cfg, llm, [rows[i] for i in keep], seconds)
-        todo = retry
-    rejects = [
-        Reject(
-            batch[i][0].origin,
-            f"teacher reply failed the quality gate ({final_check[i]}): " + " | ".join(reasons),
-            json.dumps(batch[i][0].dialogue, ensure_ascii=False)[:500],
-            batch[i][0].example_id,
-        )
-        for i, reasons in failures.items()
-    ]
-    for row in rows.values():
-        row.pop("spans")
-    return [rows[i] for i in sorted(rows)], rejects, generated, outcomes
+            quality.remember(accepted, row["teacher_response"], q)
+            work.outcomes["accepted_first_try" if attempt == 0 else "accepted_after_retry"] += 1
+            return row
+        raise AssertionError("unreachable: the last attempt returns")
 
-
-def attempt_rows(cfg, tokenizer, llm, batch, attempt, processor=None, vocab=None, seconds=None):
-    """One generation for each example of `batch` (attempt `attempt`): [(row, base reply)], the
-    generated token count. A row still lacks its features (`pool_features`) and carries
-    `turn_problems`: what the gate found in an improve-mode exchange's earlier turns."""
-    k = cfg.teacher_cache.top_k
-    extras = media_extras(processor, vocab) if vocab is not None else []
-    features = cfg.teacher_cache.features
-
-    def params_for(ex: Example):
-        return generation_params(
-            cfg,
+    def exchange(self, ex: Example, ids: list[int], attempt: int) -> Exchange:
+        """One attempt (attempt 0, or a seeded retry): the turns before the reply, then the reply
+        turn with top-k log-probabilities (and its hidden states kept). Returns an `Attempt`
+        whose row still lacks its features (`pool_features`)."""
+        k = self.cfg.teacher_cache.top_k
+        improve, imp = self.cfg.teacher_cache.mode == "improve", self.cfg.teacher_cache.improve
+        media = example_frames(self.cfg, ex) if self.processor is not None and ex.media else []
+        base, problems, analysis = None, [], None
+        if improve:
+            ids, base, problems = yield from self.earlier_turns(ex, ids, attempt)
+        else:
+            analysis = yield from self.analysis(ex, ids, media, attempt)
+            ids = self.reply_ids(ex, analysis, len(media))
+        key = f"{ex.example_id}/{attempt}"  # whose hidden states the engine keeps
+        end = {"stop": prompts.REPLY_STOP}
+        if improve:
+            end = {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
+        out = yield self.request(
+            ex,
+            ids,
+            media,
             attempt,
-            ex.example_id,
-            logprobs=k + len(extras),
-            # the student's vocabulary has no media placeholder: the teacher may not generate one
-            allowed_token_ids=list(range(vocab)) if extras else None,
-            extra_args={FEATURE_KEY: ex.example_id} if features else None,
-            **(
-                {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
-                if improve
-                else {"stop": prompts.REPLY_STOP}
-            ),
+            logprobs=k + len(self.extras),
+            extra_args={FEATURE_KEY: key} if self.cfg.teacher_cache.features else None,
+            **end,
         )
-
-    improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
-    bases, turn_problems = [None] * len(batch), [[] for _ in batch]
-    analyses = [None] * len(batch)
-    t0 = time.time()
-    if improve:
-        batch, bases, turn_problems = improvement_prompts(cfg, tokenizer, llm, batch, attempt)
-    else:
-        batch, analyses = answer_prompts(cfg, tokenizer, llm, batch, attempt, processor, vocab)
-    requests = []
-    for ex, ids in batch:
-        request: dict[str, Any] = {"prompt_token_ids": ids}
-        if processor is not None and ex.media:
-            request["multi_modal_data"] = {"image": example_frames(cfg, ex)}
-        requests.append(request)
-    outs = llm.generate(requests, [params_for(ex) for ex, _ in batch], use_tqdm=False)
-    seconds["generate"] += time.time() - t0
-    tried, generated = [], 0
-    for (ex, prompt_ids), out, base, problems, analysis in zip(
-        batch, outs, bases, turn_problems, analyses, strict=True
-    ):
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
-        generated += len(gen_ids)
         # Parse the decoded ids (not c.text, which drops the stop string) so character offsets
         # line up with token boundaries.
-        text = tokenizer.decode(gen_ids, skip_special_tokens=True)
+        text = self.tok.decode(gen_ids, skip_special_tokens=True)
         if improve:
             parsed = prompts.parse_improved_output(text, imp.strategy)
         else:
             parsed = prompts.parse_reply(text)
             parsed.emotion, parsed.reasoning = analysis.emotion, analysis.reasoning
             parsed.parse_ok = analysis.parse_ok
-        i0, i1 = reply_token_span(tokenizer, gen_ids, parsed.reply_start, parsed.reply_end)
-        if i1 == len(gen_ids) - 1 and gen_ids[-1] == tokenizer.eos_token_id:
+        i0, i1 = reply_token_span(self.tok, gen_ids, parsed.reply_start, parsed.reply_end)
+        if i1 == len(gen_ids) - 1 and gen_ids[-1] == self.tok.eos_token_id:
             i1 += 1  # the reply ran to the end of turn: keep it, so the student learns to stop
-        topk = [topk_entry(c.logprobs[j], gen_ids[j], k, frozenset(extras)) for j in range(i0, i1)]
+        extras = frozenset(self.extras)
+        topk = [topk_entry(c.logprobs[j], gen_ids[j], k, extras) for j in range(i0, i1)]
         # What the teacher saw: vLLM's prompt ids, with a VLM's image placeholders expanded.
-        context = list(out.prompt_token_ids or prompt_ids) + gen_ids[:i0]
+        context = list(out.prompt_token_ids or ids) + gen_ids[:i0]
         # No tokens, no reply: whatever the text parse says (an empty span is never cached).
         reply = parsed.reply if i1 > i0 else ""
         row = new_row(
@@ -766,60 +823,70 @@ def attempt_rows(cfg, tokenizer, llm, batch, attempt, processor=None, vocab=None
             improvement_strategy=imp.strategy if improve else None,
             base_response=base,
         )
-        # Not columns, dropped before the row is written: the feature pools the states that
-        # predicted the reply tokens (token indices len(context) - 1 onwards, one per reply
-        # token; every one was computed during the generation), and what the gate found in an
-        # improve-mode exchange's earlier turns.
-        row["spans"] = (len(context) - 1, len(context) - 1 + max(i1 - i0, 1))
-        row["turn_problems"] = problems
-        tried.append((row, base))
-    return tried, generated
+        # Not columns, dropped before the row is written: the feature pools the states kept
+        # under `feature_key` that predicted the reply tokens (token indices len(context) - 1
+        # onwards, one per reply token; every one was computed during the generation).
+        row["feature_key"] = key
+        row["span"] = (len(context) - 1, len(context) - 1 + max(i1 - i0, 1))
+        return Attempt(row, base, problems, len(gen_ids))
 
+    def request(self, ex: Example, ids: list[int], media: list, attempt: int, **extra) -> Request:
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if media:
+            prompt["multi_modal_data"] = {"image": media}
+        extra.setdefault("allowed_token_ids", self.allowed)
+        return prompt, generation_params(self.cfg, attempt, ex.example_id, **extra)
 
-def pool_features(cfg: PipelineConfig, llm, rows: list[dict], seconds: Counter) -> None:
-    """Fill in the accepted rows' `teacher_features` from the hidden states the engine kept
-    during their attempt's generation; the states of every other reply are dropped."""
-    if not cfg.teacher_cache.features:
-        return
-    t0 = time.time()
-    spans = {row["example_id"]: row["spans"] for row in rows}
-    # One answer per worker: with tensor parallelism each holds the same (gathered) states,
-    # with pipeline parallelism only the last stage holds any.
-    answers = llm.collective_rpc("pool_reply_features", args=(spans,))
-    pooled = {key: next((a[key] for a in answers if a[key]), None) for key in spans}
-    missing = [key for key, feats in pooled.items() if feats is None]
-    if missing:
-        raise PipelineError(
-            f"the engine kept no hidden states for {len(missing)} replies (e.g. {missing[0]}): "
-            "the feature capture needs vLLM's V1 model runner; rerun with "
-            "VLLM_USE_V2_MODEL_RUNNER=0, or with --set teacher_cache.features=false"
+    def analysis(self, ex: Example, ids: list[int], media: list, attempt: int) -> Exchange:
+        """The analysis turn (the pending ids are its prompt): the teacher's step-by-step
+        analysis, held to the format by structured outputs. Returns it parsed."""
+        out = yield self.analysis_request(ex, ids, media, attempt)
+        return self.read_analysis(out)
+
+    def read_analysis(self, out) -> prompts.TeacherAnalysis:
+        return prompts.parse_analysis(
+            self.tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
         )
-    for row in rows:
-        row["teacher_features"] = pooled[row["example_id"]]
-    seconds["features"] += time.time() - t0
 
+    def analysis_request(self, ex: Example, ids: list[int], media: list, attempt: int) -> Request:
+        from vllm.sampling_params import StructuredOutputsParams
 
-def improvement_prompts(cfg: PipelineConfig, tokenizer, llm, batch, attempt: int = 0):
-    """Improve mode: each example's final prompt, after the turns that come before it.
+        return self.request(
+            ex,
+            ids,
+            media,
+            attempt,
+            reply=False,
+            stop=prompts.ANALYSIS_STOP,
+            max_tokens=prompts.ANALYSIS_MAX_TOKENS,
+            structured_outputs=StructuredOutputsParams(regex=prompts.ANALYSIS_PATTERN),
+        )
 
-    With `improve.base=teacher` the pending ids are the usual reasoning prompt: the teacher answers
-    it first and its reply becomes the base. With `strategy=sequential` the first two improvement
-    turns are generated here, so the last turn (whose top-k is kept) is conditioned on exactly the
-    exchange the teacher had. Every earlier turn goes through the gate's per-reply checks too: an
-    exchange built on an empty or looping turn is retried whole. Returns the batch with final
-    prompt ids, the base replies, and per example the problems of its earlier turns."""
-    imp, q = cfg.teacher_cache.improve, cfg.teacher_cache.quality
-    problems: list[list[tuple[str, str]]] = [[] for _ in batch]
+    def reply_ids(self, ex: Example, analysis, n_images: int = 0) -> list[int]:
+        """The reply turn's prompt ids, conditioned on the analysis (`prompts.reply_prompt`)."""
+        text = prompts.reply_prompt(self.processor or self.tok, ex.dialogue, analysis, n_images)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def generate(ids_list: list[list[int]], turn: str) -> list[str]:
-        extra = {} if turn == "base" else {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
-        params = [generation_params(cfg, attempt, ex.example_id, **extra) for ex, _ in batch]
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in ids_list], params, use_tqdm=False)
-        texts = []
-        for (ex, _), out, found in zip(batch, outs, problems, strict=True):
+    def earlier_turns(self, ex: Example, ids: list[int], attempt: int) -> Exchange:
+        """Improve mode: the turns before the final one. With `improve.base=teacher` the pending
+        ids are the usual reasoning prompt: the teacher answers it first (both turns) and its
+        reply becomes the base. With `strategy=sequential` the first two improvement turns come
+        here, so the last turn (whose top-k is kept) is conditioned on exactly the exchange the
+        teacher had. Every earlier turn goes through the gate's per-reply checks too: an
+        exchange built on an empty or looping turn is retried whole. Returns the final prompt
+        ids, the base reply and the problems of the earlier turns."""
+        imp, q = self.cfg.teacher_cache.improve, self.cfg.teacher_cache.quality
+        problems: list[tuple[str, str]] = []
+
+        def turn(prompt_ids: list[int], name: str) -> Exchange:
+            extra = {} if name == "base" else {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
+            out = yield self.request(ex, prompt_ids, [], attempt, **extra)
             o = out.outputs[0]
-            parse = prompts.parse_reply if turn == "base" else improved
-            reply = parse(tokenizer.decode(o.token_ids, skip_special_tokens=True)).reply
+            text = self.tok.decode(o.token_ids, skip_special_tokens=True)
+            if name == "base":
+                reply = prompts.parse_reply(text).reply
+            else:
+                reply = prompts.parse_improved_output(text, imp.strategy).reply
             checks = quality.check_reply(
                 reply,
                 q,
@@ -828,31 +895,50 @@ def improvement_prompts(cfg: PipelineConfig, tokenizer, llm, batch, attempt: int
                 dialogue=prompts.render_dialogue(ex.dialogue),
                 speaker=quality.speaker_text(ex.dialogue),
             )
-            found += [(c, f"{turn}: {r}") for c, r in checks]
-            texts.append(reply)
-        return texts
+            problems.extend((c, f"{name}: {r}") for c, r in checks)
+            return reply
 
-    def improved(text: str):
-        return prompts.parse_improved_output(text, imp.strategy)
+        def encode(base: str, earlier: list[str]) -> list[int]:
+            text = prompts.improve_prompt(
+                self.tok, ex.dialogue, base, imp.strategy, imp.dimension, earlier
+            )
+            return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def encode(ex: Example, base: str, earlier: list[str]) -> list[int]:
-        text = prompts.improve_prompt(
-            tokenizer, ex.dialogue, base, imp.strategy, imp.dimension, earlier
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if imp.base == "teacher":  # the teacher's own answer (both turns) is the base
+            analysis = yield from self.analysis(ex, ids, [], attempt)
+            base = yield from turn(self.reply_ids(ex, analysis), "base")
+        else:
+            base = ex.reference
+        earlier: list[str] = []
+        for t in range(1, prompts.improve_turns(imp.strategy)):
+            earlier.append((yield from turn(encode(base, earlier), f"turn {t}")))
+        return encode(base, earlier), base, problems
 
-    if imp.base == "teacher":  # the teacher's own answer (both turns) is the base
-        replies, _ = answer_prompts(cfg, tokenizer, llm, batch, attempt)
-        bases = generate([i for _, i in replies], "base")
-    else:
-        bases = [ex.reference for ex, _ in batch]
-    earlier: list[list[str]] = [[] for _ in batch]
-    for turn in range(1, prompts.improve_turns(imp.strategy)):
-        prompt_ids = [encode(ex, b, e) for (ex, _), b, e in zip(batch, bases, earlier, strict=True)]
-        for e, reply in zip(earlier, generate(prompt_ids, f"turn {turn}"), strict=True):
-            e.append(reply)
-    final = [(ex, encode(ex, b, e)) for (ex, _), b, e in zip(batch, bases, earlier, strict=True)]
-    return final, bases, problems
+    # -- features
+
+    def pool_features(self, rows: list[dict], dropped: list[str], seconds: Counter) -> None:
+        """Fill in the accepted rows' `teacher_features` from the hidden states the engine kept
+        during their attempt's generation, and forget the failed attempts' states."""
+        if not self.cfg.teacher_cache.features:
+            for row in rows:
+                row.pop("feature_key"), row.pop("span")
+            return
+        t0 = time.time()
+        spans = {row["feature_key"]: row.pop("span") for row in rows}
+        # One answer per worker: with tensor parallelism each holds the same (gathered) states,
+        # with pipeline parallelism only the last stage holds any.
+        answers = self.llm.collective_rpc("pool_reply_features", args=(spans, dropped))
+        pooled = {key: next((a[key] for a in answers if a[key]), None) for key in spans}
+        missing = [key for key, feats in pooled.items() if feats is None]
+        if missing:
+            raise PipelineError(
+                f"the engine kept no hidden states for {len(missing)} replies (e.g. "
+                f"{missing[0]}): the feature capture needs vLLM's V1 model runner; rerun with "
+                "VLLM_USE_V2_MODEL_RUNNER=0, or with --set teacher_cache.features=false"
+            )
+        for row in rows:
+            row["teacher_features"] = pooled[row.pop("feature_key")]
+        seconds["features"] += time.time() - t0
 
 
 # ----------------------------------------------------------------------------- main
@@ -980,7 +1066,7 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         t0 = time.time()
         bar = tqdm(total=len(pending), desc="teacher", unit="ex", file=console.err())
         sizes = {u.name: len(u.batch) for u in units}
-        accepted = accepted_replies(out, manifest)
+        accepted = accepted_replies(out, manifest, tc.quality)
         for result in run_units(cfg, out, units, settings, accepted, engine_args):
             generated += result.generated
             outcomes += result.outcomes
@@ -1039,14 +1125,16 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     return summary
 
 
-def accepted_replies(out: Path, manifest: dict[str, Any]) -> Counter:
-    """How often each normalised reply is already in the cache's shards (the `generic` check)."""
+def accepted_replies(out: Path, manifest: dict[str, Any], q: QualityConfig) -> Counter:
+    """The replies already in the cache's shards, counted as the gate counts them
+    (`quality.remember`: the `generic` and `stock` checks)."""
     import pyarrow.parquet as pq
 
     counts: Counter = Counter()
     for entry in manifest["shards"]:
         replies = pq.read_table(out / entry["file"], columns=["teacher_response"])[0]
-        counts.update(quality.normalise(r) for r in replies.to_pylist())
+        for reply in replies.to_pylist():
+            quality.remember(counts, reply, q)
     return counts
 
 

@@ -66,14 +66,14 @@ class UnitResult:
     generated: int
     outcomes: Counter
     seconds: Counter
-    accepted: Counter = field(default_factory=Counter)  # normalised replies this unit accepted
+    accepted: Counter = field(default_factory=Counter)  # what this unit accepted (quality.remember)
 
 
 class CacheWorker:
     """One vLLM engine and the project's own stage-one code: prompt, generate with top-k and
     features, gate, write shard. Run in-process (local) or as a Ray actor (ray).
 
-    `accepted` counts the normalised replies already in the cache (the gate's `generic` check);
+    `accepted` counts the replies already in the cache (`quality.remember`: `generic`, `stock`);
     each unit adds its own, and the driver passes on what other workers accepted since."""
 
     def __init__(
@@ -139,40 +139,50 @@ class CacheWorker:
         self.llm = start_engine(self.cfg, self.extra_logprobs, self.max_images, self.max_len)
 
     def run(self, unit: Unit, seen: Counter | None = None, cpu_bind: str | None = None):
-        """Answer one unit; its rejects are on disk before its shard (a kill in between at
-        worst redoes the unit's examples, and the rejects are merged once each)."""
-        from empathy_distill.stage1_teacher.teacher_cache import answer_shard
+        """Answer one unit (a Ray worker's task); `seen`: what other workers accepted since this
+        one's last unit."""
+        self.accepted.update(seen or {})
+        [result] = self.answer([unit], cpu_bind)
+        return result
+
+    def answer(self, units: list[Unit], cpu_bind: str | None = None) -> Iterator[UnitResult]:
+        """Answer the units through one engine, the next unit's examples filling the batch as
+        the earlier ones finish (`teacher_cache.Teacher`); each unit's result as it finishes.
+        A unit's rejects are on disk before its shard (a kill in between at worst redoes the
+        unit's examples, and the rejects are merged once each)."""
+        from empathy_distill.stage1_teacher.teacher_cache import Teacher
 
         seconds: Counter = Counter()
         if self.llm is None:
             t0 = time.time()
             self.start(cpu_bind)
             seconds["startup"] += time.time() - t0
-        self.accepted.update(seen or {})
-        before = Counter(self.accepted)
-        rows, rejects, generated, outcomes = answer_shard(
-            self.cfg,
-            self.tokenizer,
-            self.llm,
-            unit.batch,
-            self.processor,
-            self._settings["vocab_size"],
-            seconds,
-            self.accepted,
+        teacher = Teacher(
+            self.cfg, self.tokenizer, self.llm, self.processor, self._settings["vocab_size"]
         )
-        append_rejects(self.out, self.writer, rejects)
-        entry = None
-        if rows:
-            entry = write_shard(
-                rows,
-                self.out / unit.name,
-                self.cfg.teacher_cache.row_group_size,
-                metadata={"pipeline_settings": json.dumps(self._settings)},
-                writer=self.writer,
-                top_k=self.cfg.teacher_cache.top_k,
+        before, reported = Counter(self.accepted), Counter()
+        for unit, rows, rejects, generated, outcomes in teacher.answer(
+            units, self.accepted, seconds
+        ):
+            append_rejects(self.out, self.writer, rejects)
+            entry = None
+            if rows:
+                entry = write_shard(
+                    rows,
+                    self.out / unit.name,
+                    self.cfg.teacher_cache.row_group_size,
+                    metadata={"pipeline_settings": json.dumps(self._settings)},
+                    writer=self.writer,
+                    top_k=self.cfg.teacher_cache.top_k,
+                )
+            # what this unit accepted (with several units in flight: what was accepted since
+            # the last result; only the Ray driver, one unit per call, uses it)
+            new = Counter({k: v - before[k] for k, v in self.accepted.items() if v > before[k]})
+            before = Counter(self.accepted)
+            spent, reported = seconds - reported, Counter(seconds)
+            yield UnitResult(
+                unit.name, self.writer, entry, rejects, generated, outcomes, spent, new
             )
-        new = Counter({k: v - before[k] for k, v in self.accepted.items() if v > before[k]})
-        return UnitResult(unit.name, self.writer, entry, rejects, generated, outcomes, seconds, new)
 
     def close(self) -> None:
         from empathy_distill.stage1_teacher.teacher_cache import stop_engine
@@ -211,8 +221,7 @@ def run_units(
         return
     worker = CacheWorker(cfg, str(out), "local", accepted, **engine_args)
     try:
-        for unit in units:
-            yield worker.run(unit)
+        yield from worker.answer(units)
     finally:
         worker.close()
 
