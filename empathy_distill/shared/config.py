@@ -98,7 +98,7 @@ class QualityConfig(Strict):
     generic_max: int = Field(1, ge=1)
     stock_words: int = Field(4, ge=1)
     stock_min: int = Field(5, ge=1)
-    stock_share: float = Field(0.05, gt=0.0, le=1.0)
+    stock_share: float = Field(0.15, gt=0.0, le=1.0)
     # Retries: only the failed examples, batched; attempt a of an example samples with a seed
     # derived from (engine seed, example_id, a), so a rerun gives the same reply.
     retries: int = Field(3, ge=0)

@@ -18,8 +18,11 @@ re-scoring one needs its `media` too (the same frames: the manifest records the 
 
 Work unit = one shard of `shard_size` examples, answered by a worker (`stage1_teacher/workers.py`:
 one engine in this process, or many on a Ray cluster); this driver alone writes the manifest. A
-rerun reads the inputs again, skips every example_id already in a finished shard, and starts no
-engine when nothing is left to do.
+worker keeps a shard's worth of examples in its engine at once (`Teacher`, `EngineLoop`): each
+example moves from its analysis turn to its reply turn, or to a retry, the moment its own request
+ends, and the next shard's examples fill the places the finished ones leave. A rerun reads the
+inputs again, skips every example_id already in a finished shard, and starts no engine when
+nothing is left to do.
 """
 
 from __future__ import annotations
@@ -626,6 +629,7 @@ class Attempt:
     base: str | None
     problems: list[tuple[str, str]]
     generated: int
+    analysis: prompts.TeacherAnalysis | None = None  # the answer mode's analysis turn
 
 
 @dataclass
@@ -715,8 +719,10 @@ class Teacher:
         fails. Returns the row to write, or the example's `Reject`."""
         q = self.cfg.teacher_cache.quality
         reasons: list[str] = []
+        analysis = None
         for attempt in range(q.retries + 1):
-            tried = yield from self.exchange(ex, ids, attempt)
+            tried = yield from self.exchange(ex, ids, attempt, analysis)
+            analysis = tried.analysis
             row = tried.row
             work.generated += tried.generated
             found = tried.problems + quality.check_reply(
@@ -756,18 +762,23 @@ class Teacher:
             return row
         raise AssertionError("unreachable: the last attempt returns")
 
-    def exchange(self, ex: Example, ids: list[int], attempt: int) -> Exchange:
+    def exchange(self, ex: Example, ids: list[int], attempt: int, analysis=None) -> Exchange:
         """One attempt (attempt 0, or a seeded retry): the turns before the reply, then the reply
         turn with top-k log-probabilities (and its hidden states kept). Returns an `Attempt`
-        whose row still lacks its features (`pool_features`)."""
+        whose row still lacks its features (`pool_features`).
+
+        A retry in the answer mode keeps the first attempt's `analysis` and asks the reply turn
+        again: the analysis is greedy and held to its format, and the gate judges the reply. In
+        the improve mode a retry redoes the whole exchange (an earlier turn may have failed)."""
         k = self.cfg.teacher_cache.top_k
         improve, imp = self.cfg.teacher_cache.mode == "improve", self.cfg.teacher_cache.improve
         media = example_frames(self.cfg, ex) if self.processor is not None and ex.media else []
-        base, problems, analysis = None, [], None
+        base, problems = None, []
         if improve:
             ids, base, problems = yield from self.earlier_turns(ex, ids, attempt)
         else:
-            analysis = yield from self.analysis(ex, ids, media, attempt)
+            if analysis is None:
+                analysis = yield from self.analysis(ex, ids, media, attempt)
             ids = self.reply_ids(ex, analysis, len(media))
         key = f"{ex.example_id}/{attempt}"  # whose hidden states the engine keeps
         end = {"stop": prompts.REPLY_STOP}
@@ -828,7 +839,7 @@ class Teacher:
         # onwards, one per reply token; every one was computed during the generation).
         row["feature_key"] = key
         row["span"] = (len(context) - 1, len(context) - 1 + max(i1 - i0, 1))
-        return Attempt(row, base, problems, len(gen_ids))
+        return Attempt(row, base, problems, len(gen_ids), analysis)
 
     def request(self, ex: Example, ids: list[int], media: list, attempt: int, **extra) -> Request:
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
