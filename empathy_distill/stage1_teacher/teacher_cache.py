@@ -661,7 +661,11 @@ class Teacher:
         self.allowed = list(range(vocab)) if self.extras else None
 
     def answer(
-        self, units: list, accepted: Counter, seconds: Counter
+        self,
+        units: list,
+        accepted: Counter,
+        seconds: Counter,
+        progress: Callable[[], None] | None = None,
     ) -> Iterator[tuple[Any, list[dict], list[Reject], int, Counter]]:
         """(unit, rows, rejects, generated token count, outcomes) for each unit, in the order
         the units finish. Every reply is checked (`stage1_teacher/quality.py`); an example the
@@ -670,7 +674,8 @@ class Teacher:
         top-k, target log-probabilities and features are those of the attempt it keeps,
         conditioned on exactly that attempt's context. `accepted` counts the replies accepted so
         far in the cache (`quality.remember`) and is updated; `outcomes` counts first-try and
-        retried acceptances and rejects per check; `seconds` adds up where the time went.
+        retried acceptances and rejects per check; `seconds` adds up where the time went;
+        `progress()` is called as each example ends.
 
         At most `shard_size` examples are in flight (a unit's worth; within vLLM's max_num_seqs),
         the next unit's examples filling in as the earlier ones finish."""
@@ -689,6 +694,8 @@ class Teacher:
             work.left -= 1
             if not work.left:
                 finished.append(work)
+            if progress is not None:
+                progress()
 
         def feed() -> None:
             while todo and len(loop.waiting) < room:
@@ -1078,12 +1085,17 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         bar = tqdm(total=len(pending), desc="teacher", unit="ex", file=console.err())
         sizes = {u.name: len(u.batch) for u in units}
         accepted = accepted_replies(out, manifest, tc.quality)
-        for result in run_units(cfg, out, units, settings, accepted, engine_args):
+        # the local engine reports each example as it ends, Ray workers each unit
+        per_example = tc.backend == "local"
+        for result in run_units(
+            cfg, out, units, settings, accepted, engine_args, (lambda: bar.update(1))
+        ):
             generated += result.generated
             outcomes += result.outcomes
             seconds += result.seconds
             rejects += result.rejects
-            bar.update(sizes[result.unit])
+            if not per_example:
+                bar.update(sizes[result.unit])
             if result.entry is not None:
                 manifest["shards"].append(result.entry)
                 # after every shard: a kill loses at most the shards in flight

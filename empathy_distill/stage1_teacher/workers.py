@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,12 @@ class CacheWorker:
         [result] = self.answer([unit], cpu_bind)
         return result
 
-    def answer(self, units: list[Unit], cpu_bind: str | None = None) -> Iterator[UnitResult]:
+    def answer(
+        self,
+        units: list[Unit],
+        cpu_bind: str | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> Iterator[UnitResult]:
         """Answer the units through one engine, the next unit's examples filling the batch as
         the earlier ones finish (`teacher_cache.Teacher`); each unit's result as it finishes.
         A unit's rejects are on disk before its shard (a kill in between at worst redoes the
@@ -162,7 +167,7 @@ class CacheWorker:
         )
         before, reported = Counter(self.accepted), Counter()
         for unit, rows, rejects, generated, outcomes in teacher.answer(
-            units, self.accepted, seconds
+            units, self.accepted, seconds, progress
         ):
             append_rejects(self.out, self.writer, rejects)
             entry = None
@@ -214,14 +219,17 @@ def run_units(
     settings: dict,
     accepted: Counter,
     engine_args: dict,
+    progress: Callable[[], None] | None = None,
 ) -> Iterator[UnitResult]:
-    """Every unit's result, in the order the units finish, on the configured backend."""
+    """Every unit's result, in the order the units finish, on the configured backend.
+    `progress()` is called as each example ends on the local backend (a unit's examples finish
+    over a long stretch while later units' run beside them); Ray workers report whole units."""
     if cfg.teacher_cache.backend == "ray":
         yield from run_on_ray(cfg, out, units, settings, accepted, engine_args)
         return
     worker = CacheWorker(cfg, str(out), "local", accepted, **engine_args)
     try:
-        yield from worker.answer(units)
+        yield from worker.answer(units, progress=progress)
     finally:
         worker.close()
 
