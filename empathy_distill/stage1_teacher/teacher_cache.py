@@ -235,7 +235,7 @@ def plan_work(
     Prompts are rendered here, up front: a dialogue that cannot fit the teacher's context becomes
     a reject instead of an engine error halfway through a shard. With a
     vision-language teacher (`processor`) each example's media are loaded here too, so a missing
-    or corrupt file is a reject before any engine starts (the frames are loaded again per shard,
+    or corrupt file is a reject before any engine starts (the frames are loaded again per attempt,
     rather than held in memory for the whole run)."""
     max_len = max_len or context_length(cfg)
     improve, imp = cfg.teacher_cache.mode == "improve", cfg.teacher_cache.improve
