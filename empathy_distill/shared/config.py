@@ -99,8 +99,9 @@ class QualityConfig(Strict):
     stock_words: int = Field(4, ge=1)
     stock_min: int = Field(5, ge=1)
     stock_share: float = Field(0.15, gt=0.0, le=1.0)
-    # Retries: only the failed examples, batched; attempt a of an example samples with a seed
-    # derived from (engine seed, example_id, a), so a rerun gives the same reply.
+    # Retries: only the failed examples, each asked again the moment its reply fails, in the
+    # batch still running; attempt a of an example samples with a seed derived from (engine
+    # seed, example_id, a), so a rerun gives the same reply.
     retries: int = Field(3, ge=0)
     retry_temperature: float = Field(0.7, gt=0.0)
     retry_top_p: float = Field(0.9, gt=0.0, le=1.0)

@@ -65,8 +65,8 @@ CHECKS = (
     "unchanged",
 )
 # In an `accepted` Counter (the replies accepted so far, see `remember`): normalised replies are
-# str keys; these tuple keys count the opening sentences and all accepted replies. One Counter, so
-# the Ray driver can merge and diff the workers' counts as it does any Counter.
+# str keys; these tuple keys count their openings (first words) and all accepted replies. One
+# Counter, so the Ray driver can merge and diff the workers' counts as it does any Counter.
 OPENING = "opening"
 TOTAL = ("replies",)
 
@@ -84,7 +84,7 @@ def sentences(text: str) -> list[str]:
     return [s for s in (normalise(p) for p in _SENTENCE_SPLIT.split(text or "")) if s]
 
 
-def opening(text: str, n: int = 4) -> str:
+def opening(text: str, n: int) -> str:
     """The first `n` words of `text`, normalised."""
     return " ".join(words(text)[:n])
 

@@ -33,7 +33,7 @@ import os
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -475,7 +475,7 @@ class ReplyFeatures:
         runner.reply_states = states
 
     def pool_reply_features(
-        self, spans: dict[str, tuple[int, int]], drop: list[str] = ()
+        self, spans: dict[str, tuple[int, int]], drop: Iterable[str] = ()
     ) -> dict[str, Any]:
         """{key: mean of the L2-normalised kept states at token indices [lo, hi)}, None when one
         is missing; then forget those keys' states and the states kept under `drop` (attempts
