@@ -244,3 +244,56 @@ def test_remember_keeps_generic_and_stock_counts_in_one_counter():
     assert accepted[quality.normalise(CLEAN)] == 2
     assert accepted[(quality.OPENING, "oh no that sounds")] == 2
     assert accepted[quality.TOTAL] == 2
+
+
+def prefix_checks(text: str, q: QualityConfig = Q, **kw) -> list[str]:
+    return [c for c, _ in quality.check_prefix(text, q, **kw)]
+
+
+def test_a_prefix_fails_only_once_no_continuation_can_pass():
+    # the last sentence (clause, word) may still go on: it is not judged yet
+    assert prefix_checks("I'm so sorry. I'm so sorry") == []
+    assert prefix_checks("I'm so sorry. I'm so sorry. ") == ["repetition"]
+    assert prefix_checks("I'm so sorry, I'm so sorry") == []
+    assert prefix_checks("I'm so sorry, I'm so sorry,") == ["repetition"]
+    accepted: Counter = Counter()
+    for i in range(5):
+        quality.remember(accepted, f"I'm so sorry to hear that job number {i} is gone.", Q)
+    assert prefix_checks("I'm so sorry to", accepted=accepted) == []  # "to" may be "today"
+    assert prefix_checks("I'm so sorry to ", accepted=accepted) == ["stock"]
+    assert prefix_checks("I'm so sorry today ", accepted=accepted) == []
+    # a check that only flags (or is off) never stops a reply
+    assert prefix_checks("I'm so sorry. I'm so sorry. ", QualityConfig(repetition="flag")) == []
+    assert prefix_checks("I'm so sorry to ", QualityConfig(stock="off"), accepted=accepted) == []
+    speaker = "My landlord is selling the house so I have to move out by May."
+    long = "Oh no. The house so I have to move out by May is a lot "
+    assert prefix_checks(long, speaker=speaker) == ["echo"]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "I'm so sorry. I'm so sorry. I'm so sorry to hear that.",
+        "I'm so sorry, I'm so sorry to hear it, so sorry.",
+        "That sounds hard. That sounds hard to carry alone. That sounds hard.",
+        "As an AI I cannot feel, but I am sorry to hear about your move to the new town.",
+        "I'm so sorry to hear about the move, truly, truly, truly, truly, truly.",
+        "Your landlord is selling the house so I have to move out by May, right?",
+        CLEAN,
+    ],
+)
+def test_every_prefix_problem_is_a_problem_of_the_whole_reply(reply):
+    """What stops a reply early is what the gate would find in the finished reply."""
+    accepted: Counter = Counter()
+    for i in range(5):
+        quality.remember(accepted, f"I'm so sorry to hear that job number {i} is gone.", Q)
+    context = {
+        "speaker": "My landlord is selling the house so I have to move out by May.",
+        "privileged": {"situation": "Moving to the new town after the landlord sold up."},
+        "accepted": accepted,
+    }
+    whole = set(checks(reply, **context))
+    for cut in range(len(reply) + 1):
+        assert set(prefix_checks(reply[:cut], **context)) <= whole, reply[:cut]
+    # and the complete reply, followed by anything, shows them
+    assert set(prefix_checks(reply + " And", **context)) == whole & set(quality.EARLY)

@@ -26,38 +26,70 @@ class FakeLLM:
     `collective_rpc` (the kept features). Replies are canned, distinct per prompt and per seed
     (a retry gets another), and end with the end-of-turn token; the generated token is always
     the top-1. A step finishes at most `per_step` requests, the latest first: the loop must
-    not depend on requests finishing in the order they were asked."""
+    not depend on requests finishing in the order they were asked. A request whose output kind
+    was set to stream (`output_processor.request_states`) instead gets its output so far, 10
+    more tokens after every step, until it finishes or is aborted."""
 
     def __init__(self, tokenizer, feature_dim: int, per_step: int = 2):
         self.tok, self.dim, self.per_step = tokenizer, feature_dim, per_step
         self.features: dict[str, list[float]] = {}  # what pool_reply_features answered
-        self.queue: list[tuple[str, dict, object]] = []
+        self.queue: list[list] = []  # [id, request, params, tokens streamed so far]
         self.most_in_flight = self.asked = 0
+        self.aborted: list[str] = []
         self.llm_engine = SimpleNamespace(
             step=self._step,
-            abort_request=lambda ids: None,
+            abort_request=self._abort,
+            output_processor=SimpleNamespace(request_states={}),
             vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256)),
         )
 
     def enqueue(self, requests, params, use_tqdm=False):
+        from vllm.sampling_params import RequestOutputKind
+
         ids = []
         for request, p in zip(requests, params, strict=True):
             self.asked += 1
-            ids.append(str(self.asked))
-            self.queue.append((ids[-1], request, p))
+            ids.append(f"{self.asked}-abcd1234")
+            self.queue.append([str(self.asked), request, p, 0])
+            states = self.llm_engine.output_processor.request_states
+            states[ids[-1]] = SimpleNamespace(output_kind=RequestOutputKind.FINAL_ONLY)
         self.most_in_flight = max(self.most_in_flight, len(self.queue))
         return ids
 
+    def _abort(self, ids):
+        self.aborted += ids
+        self.queue = [q for q in self.queue if q[0] not in ids]
+
     def _step(self):
-        done, self.queue = self.queue[-self.per_step :], self.queue[: -self.per_step]
-        outs = self.generate([r for _, r, _ in done], [p for _, _, p in done])
-        for (request_id, _, _), out in zip(done, outs, strict=True):
+        from vllm.sampling_params import RequestOutputKind
+
+        states = self.llm_engine.output_processor.request_states
+        streamed = [
+            e
+            for e in self.queue
+            if states[f"{e[0]}-abcd1234"].output_kind == RequestOutputKind.CUMULATIVE
+        ]
+        done = [e for e in self.queue if e not in streamed][-self.per_step :]
+        outs = self.generate([e[1] for e in done], [e[2] for e in done])
+        for (request_id, *_), out in zip(done, outs, strict=True):
             out.request_id, out.finished = request_id, True
+        for entry in streamed:
+            [out] = self.generate([entry[1]], [entry[2]])
+            entry[3] += 10
+            c = out.outputs[0]
+            out.request_id, out.finished = entry[0], entry[3] >= len(c.token_ids)
+            if out.finished:
+                done.append(entry)
+            else:
+                c.token_ids, c.finish_reason = c.token_ids[: entry[3]], None
+                c.text = self.tok.decode(c.token_ids, skip_special_tokens=True)
+            outs.append(out)
+        self.queue = [e for e in self.queue if e not in done]
         return outs
 
     def _reply(self, prompt: str, seed) -> str:
         if LOOP in prompt:
-            return "I'm so sorry. I'm so sorry."
+            return "I'm so sorry. I'm so sorry. I'm so sorry. I'm so sorry."
         h = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()
         a, b, c = (WORDS[x % len(WORDS)] for x in h[:3])
         return (
@@ -76,7 +108,10 @@ class FakeLLM:
                 ids = self.tok.encode(self._reply(prompt, p.seed), add_special_tokens=False)
                 ids.append(self.tok.eos_token_id)
                 logprobs = [self._topk(t, p.logprobs) for t in ids] if p.logprobs else None
-            choice = SimpleNamespace(token_ids=ids, finish_reason="stop", logprobs=logprobs)
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            choice = SimpleNamespace(
+                token_ids=ids, text=text, finish_reason="stop", logprobs=logprobs
+            )
             outs.append(
                 SimpleNamespace(outputs=[choice], prompt_token_ids=request["prompt_token_ids"])
             )
@@ -165,7 +200,10 @@ def test_stage_one_main_on_a_fake_engine(tmp_path, tiny_teacher, fake_engine):
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     looped = [r for r in rejects if r.get("example_id")]
     assert len(rejects) == 2 and len(looped) == 1
-    assert "repeats a sentence" in looped[0]["reason"] and "attempt 2:" in looped[0]["reason"]
+    assert "repeats a" in looped[0]["reason"] and "attempt 2:" in looped[0]["reason"]
+    # each looping attempt was stopped at its second sentence, not generated to its end
+    assert summary["attempts_stopped_early"] == 3 and len(llm.aborted) == 3
+    assert looped[0]["reason"].count("(stopped at token") == 3
 
     # the shards hold exactly the accepted replies, with their top-k and features
     manifest = verify_cache(out, top_k=K)

@@ -341,3 +341,47 @@ def test_gate_rejects_bad_replies_and_retries_reproducibly(tiny_teacher, tmp_pat
     again = teacher_cache.main(cfg)
     assert again["rejected"] == summary["rejected"] and again["new_examples"] == 0
     assert again["already_cached"] == len(rows)
+
+
+def test_a_watched_request_is_stopped_in_the_real_engine(tiny_teacher, tmp_path):
+    """The engine loop streams a watched request's output from vLLM step by step and aborts it
+    where its watch says: the exchange gets the tokens so far (the same tokens the unwatched
+    request generates first, same seed), the engine keeps nothing running, and an exchange
+    queued behind it still runs to its end."""
+    from empathy_distill.stage1_teacher import teacher_cache
+
+    cfg = make_cfg(tiny_teacher, [], tmp_path / "out", features=False)
+    cfg.teacher.max_new_tokens = 40
+    llm = teacher_cache.start_engine(cfg)
+
+    class StopAt:
+        def __init__(self, n: int):
+            self.n, self.seen = n, []
+
+        def __call__(self, out) -> bool:
+            self.seen.append(len(out.outputs[0].token_ids))
+            return self.seen[-1] >= self.n
+
+    def exchange(watch=None):
+        params = teacher_cache.generation_params(cfg, 1, "ex-1", ignore_eos=True, stop=[])
+        request = ({"prompt_token_ids": [1, 2, 3, 4, 5]}, params)
+        out = yield (*request, watch) if watch else request
+        return out
+
+    results: dict[str, object] = {}
+    loop = teacher_cache.EngineLoop(llm)
+    watch = StopAt(6)
+    try:
+        loop.start(exchange(watch), lambda out: results.setdefault("watched", out))
+        loop.start(exchange(), lambda out: results.setdefault("full", out))
+        while loop.waiting:
+            loop.step()
+        idle = not llm.llm_engine.has_unfinished_requests()
+    finally:
+        teacher_cache.stop_engine(llm)
+    watched, full = results["watched"], results["full"]
+    assert not watched.finished and full.finished
+    stopped, whole = list(watched.outputs[0].token_ids), list(full.outputs[0].token_ids)
+    assert 6 <= len(stopped) < len(whole) == 40 and stopped == whole[: len(stopped)]
+    assert watch.seen == sorted(watch.seen) and len(watch.seen) >= 2  # streamed, step by step
+    assert idle

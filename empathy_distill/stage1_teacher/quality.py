@@ -30,6 +30,9 @@ example (a fresh, seeded sample), rejects it, or keeps it with a flag, as the ch
   of the replies accepted so far and at least `stock_share` of them. A stock opening ("I'm so
   sorry to ...") on a quarter of a cache is what a student learns first, and then loops on.
 - `unchanged` (improve mode): the improved reply equals the reply it was asked to improve.
+
+`check_prefix` runs the checks a reply's beginning can already fail (`EARLY`) on the reply as it
+is being generated; `teacher_cache` stops the attempt there instead of generating the rest.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ _WORD = re.compile(r"[A-Za-z0-9']+")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 _CLAUSE_SPLIT = re.compile(r"[,;:.!?\n]+")
 _ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]”’]*\s*$")
+_PARTIAL_WORD = re.compile(r"[A-Za-z0-9']+$")
 
 _REFUSAL = re.compile(
     r"\bas an? (?:ai|language model|assistant|language ai)\b|\bi(?:'m| am) (?:unable|not able) to "
@@ -69,6 +73,10 @@ CHECKS = (
 # Counter, so the Ray driver can merge and diff the workers' counts as it does any Counter.
 OPENING = "opening"
 TOTAL = ("replies",)
+# The checks whose evidence only grows as a reply goes on (a repeated sentence stays repeated,
+# an opening stays the opening, a quoted n-gram stays quoted): a beginning that fails one is a
+# reply that fails it, so `check_prefix` can judge them before the reply ends.
+EARLY = ("repetition", "refusal", "echo", "leak", "stock")
 
 
 def words(text: str) -> list[str]:
@@ -160,27 +168,20 @@ def check_reply(
     speaker: str = "",
     accepted: Counter | None = None,
     base: str | None = None,
+    only: set[str] | None = None,
 ) -> list[tuple[str, str]]:
     """Every check `reply` fails, as (check, reason) pairs; checks whose policy is `off` are
     skipped. `dialogue` is the text the student does see (words it says are no leak); `speaker`
     the speaker's own turns (the `echo` check); `accepted` counts the replies already accepted
     (see `remember`: the `generic` and `stock` checks); `base` is the reply an improve-mode answer
-    rewrote (the `unchanged` check)."""
-    on = {c for c in CHECKS if q.policy(c) != "off"}
+    rewrote (the `unchanged` check); `only` limits the checks run to those named."""
+    on = {c for c in CHECKS if q.policy(c) != "off" and (only is None or c in only)}
     found: list[tuple[str, str]] = []
     n_words = len(words(reply))
     if "empty" in on and n_words < q.min_words:
         found.append(("empty", f"empty or too short: {n_words} words (< {q.min_words})"))
     if "repetition" in on and n_words:
-        again = repeated_sentence(reply)
-        clause = repeated_clause(reply)
-        loop = ngram_loop(reply, q.loop_ngram, q.loop_count)
-        if again is not None:
-            found.append(("repetition", f"repeats a sentence: {again[:60]!r}"))
-        elif clause is not None:
-            found.append(("repetition", f"repeats a clause: {clause[:60]!r}"))
-        elif loop is not None:
-            found.append(("repetition", f"loops {loop!r} {q.loop_count}+ times"))
+        found += _repetition(reply, reply, reply, q)
     if "refusal" in on and (m := _REFUSAL.search(reply or "")):
         found.append(("refusal", f"refuses or speaks as an assistant: {m.group(0)!r}"))
     if "echo" in on and speaker and _grams(reply, q.echo_ngram) & _grams(speaker, q.echo_ngram):
@@ -206,6 +207,63 @@ def check_reply(
             )
     if "unchanged" in on and base is not None and normalise(reply) == normalise(base):
         found.append(("unchanged", "the improved reply equals the reply it was to improve"))
+    return found
+
+
+def _repetition(sentences_text: str, clauses_text: str, words_text: str, q: QualityConfig):
+    again = repeated_sentence(sentences_text)
+    clause = repeated_clause(clauses_text)
+    loop = ngram_loop(words_text, q.loop_ngram, q.loop_count)
+    if again is not None:
+        return [("repetition", f"repeats a sentence: {again[:60]!r}")]
+    if clause is not None:
+        return [("repetition", f"repeats a clause: {clause[:60]!r}")]
+    if loop is not None:
+        return [("repetition", f"loops {loop!r} {q.loop_count}+ times")]
+    return []
+
+
+def _upto_last(pattern: re.Pattern, text: str) -> str:
+    """`text` up to its last match of `pattern`: the whole sentences (clauses) written so far."""
+    end = 0
+    for m in pattern.finditer(text):
+        end = m.start()
+    return text[:end]
+
+
+def check_prefix(
+    text: str,
+    q: QualityConfig,
+    *,
+    privileged: dict[str, str] | None = None,
+    dialogue: str = "",
+    speaker: str = "",
+    accepted: Counter | None = None,
+) -> list[tuple[str, str]]:
+    """The `EARLY` problems that a reply beginning with `text` is sure to have, whatever is
+    generated next; only checks whose policy stops the reply (`retry`, `reject`) are run. Each
+    check reads only the part of `text` no later token can change: whole words (the last one may
+    still grow), and for repeated sentences and clauses, whole sentences and clauses (the last
+    one may still go on: "I'm so sorry. I'm so sorry" may end "... to hear that.")."""
+    stops = {c for c in EARLY if q.policy(c) in ("retry", "reject")}
+    whole = _PARTIAL_WORD.sub("", text or "")
+    found = [
+        problem
+        for problem in check_reply(
+            whole,
+            q,
+            privileged=privileged,
+            dialogue=dialogue,
+            speaker=speaker,
+            only=stops & {"refusal", "echo", "leak"},
+        )
+    ]
+    if "repetition" in stops:
+        found += _repetition(
+            _upto_last(_SENTENCE_SPLIT, text), _upto_last(_CLAUSE_SPLIT, text), whole, q
+        )
+    if "stock" in stops and accepted is not None and len(words(whole)) >= q.stock_words:
+        found += check_reply(whole, q, accepted=accepted, only={"stock"})
     return found
 
 

@@ -570,10 +570,32 @@ def generation_params(
 # ----------------------------------------------------------------------------- the engine loop
 
 # One generation: vLLM's prompt (token ids, a VLM's images) and its SamplingParams.
-Request = tuple[dict[str, Any], Any]
+Request = tuple[dict[str, Any], Any] | tuple[dict[str, Any], Any, "Watch"]
 # One example's exchange with the teacher, written as straight-line code: it yields each request
-# and is sent that request's finished RequestOutput; what it returns is its result.
+# and is sent that request's RequestOutput (finished, or where its `Watch` stopped it); what it
+# returns is its result.
 Exchange = Generator[Request, Any, Any]
+
+
+class Watch:
+    """Reads a reply as it is generated and stops it at the first problem the gate would find in
+    the finished reply anyway (`quality.check_prefix`): a looping reply stops at its second
+    "I'm so sorry." instead of running to `max_new_tokens`, a stock opening after its first
+    words. The retry starts at once, and the tokens the failed attempt would have spent go to
+    the other examples (the README's capture figures)."""
+
+    def __init__(self, parse: Callable[[str], str], **context):
+        self.parse, self.context = parse, context
+        self.problems: list[tuple[str, str]] = []
+
+    def __call__(self, out) -> bool:
+        """True: stop this request (its problems are in `problems`)."""
+        c = out.outputs[0]
+        found = quality.check_prefix(self.parse(c.text), **self.context)
+        if found:
+            n = len(c.token_ids)
+            self.problems = [(check, f"{reason} (stopped at token {n})") for check, reason in found]
+        return bool(found)
 
 
 class EngineLoop:
@@ -585,11 +607,12 @@ class EngineLoop:
     profile: that tail was the capture's extra time). Here an example moves on the moment its own
     request finishes (to its reply turn, its retry), and the caller tops the batch up with new
     examples after every step. `llm.enqueue` and `llm.llm_engine.step` are what `llm.generate`
-    itself runs on."""
+    itself runs on. A request with a `Watch` is streamed: its output so far comes back after
+    every step, and the watch may stop it there."""
 
     def __init__(self, llm):
         self.llm = llm
-        self.waiting: dict[str, tuple[Exchange, Callable[[Any], None]]] = {}
+        self.waiting: dict[str, tuple[Exchange, Callable[[Any], None], Watch | None]] = {}
 
     def start(self, exchange: Exchange, done: Callable[[Any], None]) -> None:
         """Run `exchange` up to its first request; `done(result)` when it ends."""
@@ -597,21 +620,33 @@ class EngineLoop:
 
     def _advance(self, exchange: Exchange, output, done: Callable[[Any], None]) -> None:
         try:
-            request, params = exchange.send(output)
+            prompt, params, *watch = exchange.send(output)
         except StopIteration as end:
             done(end.value)
             return
-        [request_id] = self.llm.enqueue([request], [params], use_tqdm=False)
+        [request_id] = self.llm.enqueue([prompt], [params], use_tqdm=False)
+        if watch:
+            from vllm.sampling_params import RequestOutputKind
+
+            # enqueue asks for the final output only; the request's state in the engine's output
+            # processor decides, step by step, what comes back (the whole output so far here)
+            state = self.llm.llm_engine.output_processor.request_states[request_id]
+            state.output_kind = RequestOutputKind.CUMULATIVE
         # enqueue answers the engine's internal id ("<LLM's counter>-<8 random characters>");
         # outputs (and abort_request) name the request by the counter alone
-        self.waiting[request_id.split("-", 1)[0]] = (exchange, done)
+        self.waiting[request_id.split("-", 1)[0]] = (exchange, done, *(watch or [None]))
 
     def step(self) -> None:
-        """One engine step; each request it finished goes back to its exchange."""
+        """One engine step; each request it finished, or whose watch stopped it, goes back to
+        its exchange."""
         for out in self.llm.llm_engine.step():
-            if out.finished:
-                exchange, done = self.waiting.pop(out.request_id)
-                self._advance(exchange, out, done)
+            exchange, done, watch = self.waiting[out.request_id]
+            if not out.finished:
+                if not watch(out):
+                    continue
+                self.llm.llm_engine.abort_request([out.request_id])
+            del self.waiting[out.request_id]
+            self._advance(exchange, out, done)
 
     def abort(self) -> None:
         """Drop every request in flight (the job is ending on an error)."""
@@ -623,13 +658,15 @@ class EngineLoop:
 @dataclass
 class Attempt:
     """One attempt's exchange: the row it would write, the reply it rewrote (improve mode), what
-    the gate found in its earlier turns, and the tokens generated in its last turn."""
+    the gate found in its earlier turns (or in its reply, where a `Watch` stopped it), and the
+    tokens generated in its last turn."""
 
     row: dict[str, Any]
     base: str | None
     problems: list[tuple[str, str]]
     generated: int
     analysis: prompts.TeacherAnalysis | None = None  # the answer mode's analysis turn
+    stopped: bool = False  # the reply was stopped early: `problems` are what the gate found
 
 
 @dataclass
@@ -728,21 +765,24 @@ class Teacher:
         reasons: list[str] = []
         analysis = None
         for attempt in range(q.retries + 1):
-            tried = yield from self.exchange(ex, ids, attempt, analysis)
+            tried = yield from self.exchange(ex, ids, attempt, analysis, accepted)
             analysis = tried.analysis
             row = tried.row
             work.generated += tried.generated
-            found = tried.problems + quality.check_reply(
-                row["teacher_response"],
-                q,
-                parse_ok=row["teacher_parse_ok"],
-                finish_reason=row["teacher_finish_reason"],
-                privileged=ex.privileged,
-                dialogue=prompts.render_dialogue(ex.dialogue),
-                speaker=quality.speaker_text(ex.dialogue),
-                accepted=accepted,
-                base=tried.base,
-            )
+            work.outcomes["attempts_stopped_early"] += tried.stopped
+            found = tried.problems
+            if not tried.stopped:  # a stopped reply is unfinished: its problems are known
+                found = found + quality.check_reply(
+                    row["teacher_response"],
+                    q,
+                    parse_ok=row["teacher_parse_ok"],
+                    finish_reason=row["teacher_finish_reason"],
+                    privileged=ex.privileged,
+                    dialogue=prompts.render_dialogue(ex.dialogue),
+                    speaker=quality.speaker_text(ex.dialogue),
+                    accepted=accepted,
+                    base=tried.base,
+                )
             reasons.append(f"attempt {attempt}: " + "; ".join(r for _, r in found))
             decision = quality.verdict(found, q)
             if not row["response_token_ids"] and decision == "accept":
@@ -769,10 +809,19 @@ class Teacher:
             return row
         raise AssertionError("unreachable: the last attempt returns")
 
-    def exchange(self, ex: Example, ids: list[int], attempt: int, analysis=None) -> Exchange:
+    def exchange(
+        self,
+        ex: Example,
+        ids: list[int],
+        attempt: int,
+        analysis=None,
+        accepted: Counter | None = None,
+    ) -> Exchange:
         """One attempt (attempt 0, or a seeded retry): the turns before the reply, then the reply
         turn with top-k log-probabilities (and its hidden states kept). Returns an `Attempt`
-        whose row still lacks its features (`pool_features`).
+        whose row still lacks its features (`pool_features`). The answer mode's reply is
+        watched as it is generated (`Watch`; `accepted` as the gate counts it) and stopped at
+        the first problem the gate is sure to find.
 
         A retry in the answer mode keeps the first attempt's `analysis` and asks the reply turn
         again: the analysis is greedy and held to its format, and the gate judges the reply. In
@@ -791,7 +840,7 @@ class Teacher:
         end = {"stop": prompts.REPLY_STOP}
         if improve:
             end = {"min_tokens": prompts.IMPROVE_MIN_TOKENS}
-        out = yield self.request(
+        request = self.request(
             ex,
             ids,
             media,
@@ -800,6 +849,18 @@ class Teacher:
             extra_args={FEATURE_KEY: key} if self.cfg.teacher_cache.features else None,
             **end,
         )
+        watch = None
+        if not improve:  # (an improve-mode answer is parsed by its strategy's format at the end)
+            watch = Watch(
+                lambda text: prompts.parse_reply(text).reply,
+                q=self.cfg.teacher_cache.quality,
+                privileged=ex.privileged,
+                dialogue=prompts.render_dialogue(ex.dialogue),
+                speaker=quality.speaker_text(ex.dialogue),
+                accepted=accepted,
+            )
+            request = (*request, watch)
+        out = yield request
         c = out.outputs[0]
         gen_ids = list(c.token_ids)
         # Parse the decoded ids (not c.text, which drops the stop string) so character offsets
@@ -846,7 +907,10 @@ class Teacher:
         # onwards, one per reply token; every one was computed during the generation).
         row["feature_key"] = key
         row["span"] = (len(context) - 1, len(context) - 1 + max(i1 - i0, 1))
-        return Attempt(row, base, problems, len(gen_ids), analysis)
+        stopped = watch is not None and not out.finished
+        if stopped:
+            problems = problems + watch.problems
+        return Attempt(row, base, problems, len(gen_ids), analysis, stopped)
 
     def request(self, ex: Example, ids: list[int], media: list, attempt: int, **extra) -> Request:
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
@@ -1124,6 +1188,8 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         # the quality gate, over this run's teacher work
         "accepted_first_try": outcomes["accepted_first_try"],
         "accepted_after_retry": outcomes["accepted_after_retry"],
+        # failed attempts stopped as soon as the gate was sure (`Watch`), not generated to the end
+        "attempts_stopped_early": outcomes["attempts_stopped_early"],
         **{k: v for k, v in sorted(outcomes.items()) if k.startswith("rejected_")},
         "new_examples": sum(e["rows"] for e in new_shards),
         "new_shards": len(new_shards),
