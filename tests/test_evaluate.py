@@ -117,6 +117,7 @@ def fake_metrics(names, check=True):
         "distinct_2": 0.8,
         "mean_reply_words": 12.5,
         "empty_replies": 0,
+        "gate": {"passed": 0.5, "repetition": 0.5},
         "with_gold_emotion": 2,
         "emotion_accuracy": 0.5,
         "emotion_named_rate": 1.0,
@@ -172,7 +173,36 @@ def test_report_tables_examples_and_charts(tmp_path, check):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in charts)
     text = (tmp_path / "report.md").read_text()
     assert "| **teacher** | 0.700 | 0.500 |" in text and "134.5 M" in text
+    assert "| model | passed | repetition |" in text and "| **teacher** | 0.50 | 0.50 |" in text
     assert "Oh \\| no." in text and "*(empty)*" in text and "That is hard.<br>I'm here." in text
     assert ("**0.62**" in text) if check else ("rated data not found" in text)
     json.dumps(fake_metrics(["a"]))  # the figures are plain JSON
     assert not list(Path(tmp_path).glob("*.tmp"))
+
+
+def test_gate_shares_count_what_the_teacher_gate_would_reject():
+    from empathy_distill.evaluation.evaluate import gate_shares
+    from empathy_distill.shared.config import QualityConfig
+
+    examples = read_examples(DATA / "ed_sample.csv")[0][:5]
+    replies = [
+        "That sounds like a hard week. Do you want to talk about it?",
+        "I'm so sorry. I'm so sorry.",  # loops
+        "",  # empty
+        "That sounds like a hard week. Do you want to talk about it?",  # generic: said before
+        "Oh wow, that is a long drive, and I would be nervous too",  # cut off mid-sentence
+    ]
+    reasons = ["stop", "stop", "stop", "stop", "length"]
+    shares = gate_shares(examples, replies, reasons, QualityConfig())
+    assert shares == {
+        "passed": 0.2,
+        "empty": 0.2,
+        "repetition": 0.2,
+        "truncated": 0.2,
+        "generic": 0.2,
+    }
+    # the same replies, each new and complete, all pass
+    clean = [
+        f"Reply number {w} is its own answer to you." for w in "one two three four five".split()
+    ]
+    assert gate_shares(examples, clean, ["stop"] * 5, QualityConfig()) == {"passed": 1.0}

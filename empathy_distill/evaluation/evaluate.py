@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from empathy_distill.shared import console, prompts
 from empathy_distill.shared.config import (
     MODEL_KEYWORDS,
     PipelineConfig,
+    QualityConfig,
     open_output,
     split_model_spec,
     write_resolved,
@@ -44,6 +46,7 @@ from empathy_distill.shared.models import (
     stop_vllm,
 )
 from empathy_distill.shared.readers import Example, Reject, read_examples
+from empathy_distill.stage1_teacher import quality
 
 # ----------------------------------------------------------------------------- setup
 
@@ -169,14 +172,19 @@ def start_engine(cfg: PipelineConfig, folder: Path):
 
 def generate(
     llm, tokenizer, texts: list[str], max_tokens: int, label: str, stop=None
-) -> tuple[list, int]:
-    """Greedy generation from prompt texts; returns (decoded texts, generated token count)."""
+) -> tuple[list, int, list]:
+    """Greedy generation from prompt texts; returns (decoded texts, generated token count,
+    finish reasons)."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop)
     ids = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
     outs = llm.generate(ids, params, use_tqdm=judge.progress(label))
-    return [o.outputs[0].text for o in outs], sum(len(o.outputs[0].token_ids) for o in outs)
+    return (
+        [o.outputs[0].text for o in outs],
+        sum(len(o.outputs[0].token_ids) for o in outs),
+        [o.outputs[0].finish_reason for o in outs],
+    )
 
 
 def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[str, Any]:
@@ -184,14 +192,17 @@ def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[s
     ev = cfg.evaluate
     t0 = time.time()
     texts = [prompts.student_prompt(tokenizer, ex.dialogue) for ex in examples]
-    replies, n_tokens = generate(llm, tokenizer, texts, ev.max_new_tokens, f"{name} replies")
+    replies, n_tokens, finished = generate(
+        llm, tokenizer, texts, ev.max_new_tokens, f"{name} replies"
+    )
     seconds = time.time() - t0
     texts = [prompts.teacher_prompt(tokenizer, ex.dialogue, {}) for ex in examples]
-    named, _ = generate(
+    named, _, _ = generate(
         llm, tokenizer, texts, ev.emotion_max_tokens, f"{name} emotions", stop=["\n"]
     )
     return {
         "replies": [r.strip() for r in replies],
+        "finish_reasons": finished,
         "emotions": [prompts.parse_teacher_output(n).emotion for n in named],
         "generated_tokens": n_tokens,
         "generation_seconds": round(seconds, 2),
@@ -201,7 +212,37 @@ def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[s
 # ----------------------------------------------------------------------------- scoring
 
 
-def score(examples: list[Example], run: dict[str, Any], encoder, ref_vectors) -> dict[str, Any]:
+def gate_shares(
+    examples: list[Example], replies: list[str], finish_reasons: list, q: QualityConfig
+) -> dict[str, float]:
+    """A model's replies through the teacher cache's quality gate (stage1_teacher/quality.py,
+    the same checks and settings): the share that passes every check, and the share failing
+    each one. There are no retries here: every reply counts, and `generic` and `stock` compare
+    each reply with the model's earlier replies in the run. A student that loops or answers
+    everyone alike shows up here, where BERTScore against a reference hides it."""
+    accepted: Counter = Counter()
+    failed: Counter = Counter()
+    passed = 0
+    for ex, reply, reason in zip(examples, replies, finish_reasons, strict=True):
+        found = quality.check_reply(
+            reply,
+            q,
+            finish_reason=reason,
+            privileged=ex.privileged,
+            dialogue=prompts.render_dialogue(ex.dialogue),
+            speaker=quality.speaker_text(ex.dialogue),
+            accepted=accepted,
+        )
+        quality.remember(accepted, reply, q)
+        failed.update({check for check, _ in found})
+        passed += not found
+    n = max(len(replies), 1)
+    return {"passed": passed / n, **{c: failed[c] / n for c in quality.CHECKS if c in failed}}
+
+
+def score(
+    examples: list[Example], run: dict[str, Any], encoder, ref_vectors, q: QualityConfig
+) -> dict[str, Any]:
     """Every metric of one model's replies (pure functions from evaluation/metrics.py)."""
     tokens = [metrics.tokenize(r) for r in run["replies"]]
     with_ref = [i for i, ex in enumerate(examples) if ex.reference]
@@ -221,6 +262,7 @@ def score(examples: list[Example], run: dict[str, Any], encoder, ref_vectors) ->
         "distinct_2": metrics.distinct(tokens, 2),
         "mean_reply_words": metrics.mean([len(t) for t in tokens]),
         "empty_replies": sum(not r for r in run["replies"]),
+        "gate": gate_shares(examples, run["replies"], run["finish_reasons"], q),
         "with_gold_emotion": len(gold),
         "emotion_accuracy": metrics.mean(
             [float(e == examples[i].emotion) for e, i in zip(named, gold, strict=True)]
@@ -312,7 +354,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         run = runs[name]
         results[name] = {
             "folder": str(folders[name]),
-            **score(examples, run, encoder, ref_vectors),
+            **score(examples, run, encoder, ref_vectors, cfg.teacher_cache.quality),
             "judge_vs_baseline": judge.win_rates(verdicts[name]) if name in verdicts else None,
             "parameters": run["parameters"],
             "weights_mib": run["weights_mib"],

@@ -60,6 +60,8 @@ def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) 
         "the gold label; the share of answers that named a word at all: "
         + ", ".join(f"{n} {fmt(r['emotion_named_rate'], 2)}" for n, r in models.items())
         + ".",
+        "## Through the teacher's quality gate",
+        gate_section(models),
         f"## LLM judge: empathy against {baseline}",
         judge_section(m),
         "## Cost",
@@ -99,6 +101,28 @@ def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) 
     ]
     atomic_write_text(out / "report.md", "\n\n".join(parts) + "\n")
     return charts
+
+
+def gate_section(models: dict[str, Any]) -> str:
+    """The share of each model's replies that pass the teacher cache's quality gate, and the
+    share failing each check (a reply may fail several)."""
+    checks = sorted({c for r in models.values() for c in r["gate"] if c != "passed"})
+    rows = [
+        [
+            f"**{name}**",
+            fmt(r["gate"]["passed"], 2),
+            *[fmt(r["gate"].get(c, 0.0), 2) for c in checks],
+        ]
+        for name, r in models.items()
+    ]
+    return (
+        table(["model", "passed", *checks], rows)
+        + "\n\nEach reply checked as `teacher-cache` checks a teacher reply "
+        "(`teacher_cache.quality`: empty, repeated sentences or loops, cut off, generic, stock "
+        "openings, ...), without retries: `generic` and `stock` compare a reply with the same "
+        "model's earlier replies. A model that answers everyone alike, or loops, fails here "
+        "whatever its BERTScore."
+    )
 
 
 def judge_section(m: dict[str, Any]) -> str:
