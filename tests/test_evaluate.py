@@ -118,9 +118,19 @@ def fake_metrics(names, check=True):
         "mean_reply_words": 12.5,
         "empty_replies": 0,
         "gate": {"passed": 0.5, "repetition": 0.5},
+        "teacher_fidelity": {
+            "kl_teacher_student": 1.25,
+            "kl_student_teacher": 0.75,
+            "reply_logprob": -2.5,
+            "tokens": 40,
+            "replies": 2,
+            "bertscore_f1_vs_teacher": 0.6,
+            "with_teacher_reply": 2,
+        },
         "with_gold_emotion": 2,
         "emotion_accuracy": 0.5,
-        "emotion_named_rate": 1.0,
+        "emotion_macro_f1": 0.333,
+        "emotion_confusion": {"sad": {"sad": 1}, "proud": {"sad": 1}},
         "parameters": 134_515_008,
         "weights_mib": 513.1,
         "generated_tokens": 40,
@@ -151,6 +161,8 @@ def fake_metrics(names, check=True):
         "judge": "/j",
         "bertscore": "MiniLM",
         "max_new_tokens": 8,
+        "emotion_labels": ["proud", "sad"],
+        "teacher_cache": "runs/held-out" if check else None,
         "models": {
             n: {**model, "judge_vs_baseline": None if i == 0 else win} for i, n in enumerate(names)
         },
@@ -169,13 +181,17 @@ def test_report_tables_examples_and_charts(tmp_path, check):
     charts = report.write_report(
         tmp_path, fake_metrics(list(runs), check), examples, runs, n_examples=2
     )
-    assert [p.name for p in charts] == ["quality.png", "win_rate.png", "cost.png"]
+    assert [p.name for p in charts] == ["quality.png", "win_rate.png", "cost.png", "emotion.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in charts)
     text = (tmp_path / "report.md").read_text()
     assert "| **teacher** | 0.700 | 0.500 |" in text and "134.5 M" in text
     assert "| model | passed | repetition |" in text and "| **teacher** | 0.50 | 0.50 |" in text
     assert "Oh \\| no." in text and "*(empty)*" in text and "That is hard.<br>I'm here." in text
     assert ("**0.62**" in text) if check else ("rated data not found" in text)
+    if check:  # the held-out teacher cache's figures
+        assert "| **student** | 1.250 | 0.750 | -2.500 | 0.600 |" in text
+    else:
+        assert "Not measured: no held-out teacher cache" in text
     json.dumps(fake_metrics(["a"]))  # the figures are plain JSON
     assert not list(Path(tmp_path).glob("*.tmp"))
 
@@ -206,3 +222,15 @@ def test_gate_shares_count_what_the_teacher_gate_would_reject():
         f"Reply number {w} is its own answer to you." for w in "one two three four five".split()
     ]
     assert gate_shares(examples, clean, ["stop"] * 5, QualityConfig()) == {"passed": 1.0}
+
+
+def test_macro_f1_by_hand():
+    from empathy_distill.evaluation.metrics import macro_f1
+
+    gold = ["sad", "sad", "proud", "afraid"]
+    # sad: TP 1, FP 1 (proud read as sad), FN 1 -> 2/4; proud: 0; afraid: 2/2; picked "" too
+    picked = ["sad", "", "sad", "afraid"]
+    assert macro_f1(gold, picked) == pytest.approx((0.5 + 0.0 + 1.0 + 0.0) / 4)
+    assert macro_f1(gold, gold) == 1.0 and macro_f1([], []) is None
+    # always one label: accuracy 0.5, macro-F1 far lower
+    assert macro_f1(["a", "a", "b", "c"], ["a"] * 4) == pytest.approx((2 / 3) / 3)

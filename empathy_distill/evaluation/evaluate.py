@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from empathy_distill.evaluation import judge, metrics, report
+from empathy_distill.evaluation import fidelity, judge, metrics, report
 from empathy_distill.shared import console, prompts
 from empathy_distill.shared.config import (
     MODEL_KEYWORDS,
@@ -44,8 +44,9 @@ from empathy_distill.shared.models import (
     load_tokenizer,
     start_vllm,
     stop_vllm,
+    tokenizer_fingerprint,
 )
-from empathy_distill.shared.readers import Example, Reject, read_examples
+from empathy_distill.shared.readers import ED_EMOTIONS, Example, Reject, read_examples
 from empathy_distill.stage1_teacher import quality
 
 # ----------------------------------------------------------------------------- setup
@@ -171,13 +172,13 @@ def start_engine(cfg: PipelineConfig, folder: Path):
 
 
 def generate(
-    llm, tokenizer, texts: list[str], max_tokens: int, label: str, stop=None
+    llm, tokenizer, texts: list[str], max_tokens: int, label: str, **settings
 ) -> tuple[list, int, list]:
-    """Greedy generation from prompt texts; returns (decoded texts, generated token count,
-    finish reasons)."""
+    """Greedy generation from prompt texts (`settings`: more SamplingParams); returns (decoded
+    texts, generated token count, finish reasons)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, **settings)
     ids = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
     outs = llm.generate(ids, params, use_tqdm=judge.progress(label))
     return (
@@ -188,7 +189,11 @@ def generate(
 
 
 def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[str, Any]:
-    """Replies (student prompt) and named emotions (reasoning prompt, no privileged notes)."""
+    """Replies (student prompt), and the emotion each dialogue's speaker feels (reasoning
+    prompt, no privileged notes), picked from the closed label set (`emotion_labels`) by
+    constrained decoding; None for a dialogue whose gold label is outside the set."""
+    from vllm.sampling_params import StructuredOutputsParams
+
     ev = cfg.evaluate
     t0 = time.time()
     texts = [prompts.student_prompt(tokenizer, ex.dialogue) for ex in examples]
@@ -196,17 +201,69 @@ def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[s
         llm, tokenizer, texts, ev.max_new_tokens, f"{name} replies"
     )
     seconds = time.time() - t0
-    texts = [prompts.teacher_prompt(tokenizer, ex.dialogue, {}) for ex in examples]
-    named, _, _ = generate(
-        llm, tokenizer, texts, ev.emotion_max_tokens, f"{name} emotions", stop=["\n"]
-    )
+    labels = emotion_labels(cfg)
+    scored = [i for i, ex in enumerate(examples) if ex.emotion in labels]
+    emotions: list[str | None] = [None] * len(examples)
+    if scored:
+        texts = [prompts.teacher_prompt(tokenizer, examples[i].dialogue, {}) for i in scored]
+        # " afraid" etc.: the prompt ends "Emotion:", and the label is the next word
+        choice = StructuredOutputsParams(choice=[f" {label}" for label in labels])
+        named, _, _ = generate(
+            llm,
+            tokenizer,
+            texts,
+            ev.emotion_max_tokens,
+            f"{name} emotions",
+            structured_outputs=choice,
+        )
+        for i, label in zip(scored, named, strict=True):
+            emotions[i] = label.strip() or None
     return {
         "replies": [r.strip() for r in replies],
         "finish_reasons": finished,
-        "emotions": [prompts.parse_teacher_output(n).emotion for n in named],
+        "emotions": emotions,
         "generated_tokens": n_tokens,
         "generation_seconds": round(seconds, 2),
     }
+
+
+def held_out_cache(cfg: PipelineConfig, tokenizers: dict) -> tuple[str, list[dict]] | None:
+    """(tokenizer fingerprint, rows) of `evaluate.teacher_cache`, checked before any engine
+    starts: the cache as stage two checks one, and every model's tokenizer against it."""
+    folder = cfg.evaluate.teacher_cache
+    if folder is None:
+        return None
+    manifest, rows = fidelity.read_cache(folder)
+    if not rows:
+        raise PipelineError(f"{folder}: the teacher cache holds no reply to compare with")
+    fingerprint = manifest["settings"]["tokenizer_fingerprint"]
+    for name, tok in tokenizers.items():
+        if tokenizer_fingerprint(tok) != fingerprint:
+            raise PipelineError(
+                f"model {name}: its tokenizer differs from {folder}'s, so its distribution "
+                "cannot be compared with the cached top-k; leave evaluate.teacher_cache unset"
+            )
+    return fingerprint, rows
+
+
+def teacher_fidelity(run, encoder, with_teacher: list[int], teacher_vectors, on: bool):
+    """The model's closeness to the teacher on the held-out cache (`fidelity.FIGURES`), and
+    BERTScore-F1 of its own replies against the teacher's; None without a held-out cache."""
+    if not on:
+        return None
+    vectors = encoder.embed([run["replies"][i] for i in with_teacher])
+    return {
+        **run["fidelity"],
+        "bertscore_f1_vs_teacher": metrics.mean(
+            [metrics.bertscore_f1(c, r) for c, r in zip(vectors, teacher_vectors, strict=True)]
+        ),
+        "with_teacher_reply": len(with_teacher),
+    }
+
+
+def emotion_labels(cfg: PipelineConfig) -> list[str]:
+    labels = cfg.evaluate.emotion_labels
+    return list(ED_EMOTIONS) if labels is None else [x.strip().lower() for x in labels]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -241,15 +298,25 @@ def gate_shares(
 
 
 def score(
-    examples: list[Example], run: dict[str, Any], encoder, ref_vectors, q: QualityConfig
+    examples: list[Example],
+    run: dict[str, Any],
+    encoder,
+    ref_vectors,
+    q: QualityConfig,
+    labels: list[str],
 ) -> dict[str, Any]:
-    """Every metric of one model's replies (pure functions from evaluation/metrics.py)."""
+    """Every metric of one model's replies (pure functions from evaluation/metrics.py), and
+    its emotion recognition on the dialogues whose gold label is one of `labels`."""
     tokens = [metrics.tokenize(r) for r in run["replies"]]
     with_ref = [i for i, ex in enumerate(examples) if ex.reference]
     refs = {i: metrics.tokenize(examples[i].reference) for i in with_ref}
     reply_vectors = encoder.embed([run["replies"][i] for i in with_ref])
-    gold = [i for i, ex in enumerate(examples) if ex.emotion]
-    named = [run["emotions"][i] for i in gold]
+    gold = [i for i, ex in enumerate(examples) if ex.emotion in labels]
+    truth = [examples[i].emotion for i in gold]
+    named = [run["emotions"][i] or "" for i in gold]
+    confusion: dict[str, Counter] = {}
+    for t, n in zip(truth, named, strict=True):
+        confusion.setdefault(t, Counter())[n] += 1
     return {
         "examples": len(examples),
         "with_reference": len(with_ref),
@@ -265,9 +332,10 @@ def score(
         "gate": gate_shares(examples, run["replies"], run["finish_reasons"], q),
         "with_gold_emotion": len(gold),
         "emotion_accuracy": metrics.mean(
-            [float(e == examples[i].emotion) for e, i in zip(named, gold, strict=True)]
+            [float(n == t) for n, t in zip(named, truth, strict=True)]
         ),
-        "emotion_named_rate": metrics.mean([float(e is not None) for e in named]),
+        "emotion_macro_f1": metrics.macro_f1(truth, named),
+        "emotion_confusion": {t: dict(c) for t, c in sorted(confusion.items())},
     }
 
 
@@ -296,6 +364,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     if not examples:
         raise PipelineError(f"no usable dialogues in {', '.join(map(str, ev.inputs))}")
     check_pairs, check_note = judge.rated_pairs(ev.judge_check_data, ev.judge_check_pairs, ev.seed)
+    held_out = held_out_cache(cfg, tokenizers)
     write_resolved(cfg, out)  # the run is accepted: only now does its config describe the output
     max_len = engine_settings(cfg).get("max_model_len", 2048)
 
@@ -323,6 +392,16 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         if not keep:
             stop_vllm(llm)
             llm = None
+        if held_out is not None:
+            t0 = time.time()
+            runs[name]["fidelity"] = fidelity.fidelity(
+                folders[name], held_out[1], cfg.distill.max_seq_len
+            )
+            console.say(
+                f"evaluate: {name} against the teacher's held-out replies "
+                f"({time.time() - t0:.0f} s): KL(teacher||{name}) "
+                f"{runs[name]['fidelity']['kl_teacher_student']:.3f}"
+            )
 
     runs = {name: runs[name] for name in folders}  # back to report order
     t_judge = time.time()
@@ -347,15 +426,25 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         stop_vllm(llm)
     judge_seconds = time.time() - t_judge
 
+    labels = emotion_labels(cfg)
     encoder = metrics.TokenEncoder(ev.encoder)
     ref_vectors = encoder.embed([ex.reference for ex in examples if ex.reference])
+    # the teacher's held-out replies, as a second reference (the dialogues the cache holds)
+    teacher_replies = {}
+    if held_out is not None:
+        teacher_replies = {r["example_id"]: r["teacher_response"] for r in held_out[1]}
+    with_teacher = [i for i, ex in enumerate(examples) if ex.example_id in teacher_replies]
+    teacher_vectors = encoder.embed([teacher_replies[examples[i].example_id] for i in with_teacher])
     results = {}
     for name in folders:
         run = runs[name]
         results[name] = {
             "folder": str(folders[name]),
-            **score(examples, run, encoder, ref_vectors, cfg.teacher_cache.quality),
+            **score(examples, run, encoder, ref_vectors, cfg.teacher_cache.quality, labels),
             "judge_vs_baseline": judge.win_rates(verdicts[name]) if name in verdicts else None,
+            "teacher_fidelity": teacher_fidelity(
+                run, encoder, with_teacher, teacher_vectors, held_out is not None
+            ),
             "parameters": run["parameters"],
             "weights_mib": run["weights_mib"],
             "generated_tokens": run["generated_tokens"],
@@ -377,6 +466,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "bertscore": "MiniLM last layer, greedy token matching, no idf, no rescaling",
         "bleu": "sentence BLEU-4, BLEU+1 smoothing, mean over examples with a reference",
         "max_new_tokens": ev.max_new_tokens,
+        "emotion_labels": labels,
+        "teacher_cache": str(ev.teacher_cache) if ev.teacher_cache else None,
         "models": results,
         "judge_check": check,
         "judge_check_note": check_note,

@@ -4,6 +4,7 @@
     rouge_l(candidate_tokens, reference_tokens)      LCS F1
     distinct(list_of_token_lists, n)                 distinct n-grams / all n-grams, corpus level
     bertscore_f1(candidate_vectors, reference_vectors)   greedy matching of token embeddings
+    macro_f1(gold, predicted)                        per-label F1, averaged over the labels seen
 
 Text is lower-cased and split into words and punctuation marks (`tokenize`) for BLEU, ROUGE-L,
 Distinct and reply length, so every model is measured with the same ruler whatever its tokenizer.
@@ -102,6 +103,18 @@ def bertscore_f1(candidate, reference) -> float:
 
 def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def macro_f1(gold: list[str], predicted: list[str]) -> float | None:
+    """The unweighted mean of each label's F1 (2 TP / (2 TP + FP + FN)), over every label that
+    occurs as a gold or a predicted label (scikit-learn's default set): a model that always
+    picks one label scores about 1/#labels of its accuracy."""
+    if not gold:
+        return None
+    labels = set(gold) | set(predicted)
+    tp = Counter(g for g, p in zip(gold, predicted, strict=True) if g == p)
+    f1 = [2 * tp[x] / (gold.count(x) + predicted.count(x)) for x in labels]
+    return sum(f1) / len(f1)
 
 
 # --- the local encoder ----------------------------------------------------------------------

