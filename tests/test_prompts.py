@@ -111,6 +111,28 @@ def test_sequential_is_a_three_turn_exchange(tiny_tokenizer):
     assert last.count("<|im_start|>assistant") == 3  # two earlier answers + the primed one
 
 
+@pytest.mark.parametrize(
+    ("answer", "reply"),
+    [
+        (
+            "Awesome! I completely agree with your suggestion. Here's a rewritten version with "
+            "empathy in all three dimensions:",
+            "",
+        ),
+        (
+            " Here's an improved response:\n\nThat sounds so hard. How are you holding up?",
+            "That sounds so hard. How are you holding up?",
+        ),
+        (" Here is the revised reply: I'm glad you told me.", "I'm glad you told me."),
+        # a reply that merely says "here is" is kept whole
+        (" Here is what I think: you deserve a rest.", "Here is what I think: you deserve a rest."),
+    ],
+)
+def test_an_announcing_first_line_is_not_the_improved_reply(answer, reply):
+    parsed = prompts.parse_improved_output(answer, "all")
+    assert parsed.reply == reply and answer[parsed.reply_start : parsed.reply_end] == reply
+
+
 def test_parse_improved_output():
     plain = prompts.parse_improved_output(" That must hurt so much. ", "all")
     assert plain.parse_ok and plain.reply == "That must hurt so much."

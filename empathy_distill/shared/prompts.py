@@ -358,6 +358,14 @@ IMPROVED_PREFIX = "Improved reply:"
 IMPROVE_MIN_TOKENS = 4
 WEAKEST_PREFIX = "Weakest:"
 _IMPROVED_RE = re.compile(r"^[ \t]*\**[ \t]*Improved reply[ \t]*\**[ \t]*:[ \t]*\**", re.I | re.M)
+# A first line that announces the rewrite instead of being it ("Awesome! Here's a rewritten
+# version with empathy in all three dimensions:"): not part of the reply. When nothing follows
+# it, the reply is empty and the gate's `empty` check sends the example back.
+_PREAMBLE_RE = re.compile(
+    r"^[^\n]*?\b(?:here(?:'s| is| are)|below is)\b[^\n:]*?"
+    r"\b(?:rewrit\w*|revis\w*|improv\w*|version|response|reply)\b[^\n:]*:[ \t]*",
+    re.I,
+)
 
 
 def improve_task(strategy: str, dimension: str, turn: int = 0) -> str:
@@ -423,11 +431,15 @@ def parse_improved_output(generated: str, strategy: str) -> TeacherOutput:
     """Split an improvement answer (the text generated after the primed prefix).
 
     For "weakest" the first line names the dimension (kept as reasoning) and the reply follows an
-    "Improved reply:" marker; otherwise the whole answer is the reply. Without the marker the
-    weakest answer falls back to everything after the first line, flagged parse_ok=False."""
+    "Improved reply:" marker; otherwise the whole answer is the reply, less a first line that
+    only announces it ("Here's a revised response:"). Without the marker the weakest answer
+    falls back to everything after the first line, flagged parse_ok=False."""
     if strategy != "weakest":
-        lead = len(generated) - len(generated.lstrip())
-        reply = generated.strip()
+        m = _PREAMBLE_RE.match(generated.lstrip())
+        start = len(generated) - len(generated.lstrip()) + (m.end() if m else 0)
+        body = generated[start:]
+        lead = start + len(body) - len(body.lstrip())
+        reply = body.strip()
         return TeacherOutput(None, "", reply, lead, lead + len(reply), bool(reply))
     m = _IMPROVED_RE.search(generated)
     if m:
