@@ -641,8 +641,8 @@ class EngineLoop:
         its exchange."""
         for out in self.llm.llm_engine.step():
             exchange, done, watch = self.waiting[out.request_id]
-            if not out.finished:
-                if not watch(out):
+            if not out.finished:  # only a watched request reports before it ends
+                if watch is None or not watch(out):
                     continue
                 self.llm.llm_engine.abort_request([out.request_id])
             del self.waiting[out.request_id]
