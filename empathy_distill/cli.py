@@ -17,7 +17,12 @@ from typing import Annotated, NoReturn
 import typer
 
 from empathy_distill.shared import console
-from empathy_distill.shared.config import METHOD_NAMES, PipelineConfig, load_config
+from empathy_distill.shared.config import (
+    METHOD_NAMES,
+    PipelineConfig,
+    held_out_cache_config,
+    load_config,
+)
 from empathy_distill.shared.errors import PipelineError
 
 app = typer.Typer(
@@ -133,6 +138,14 @@ def teacher_cache(
             "--set teacher_cache.ray.address=auto).",
         ),
     ] = None,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            "--held-out",
+            help="Cache the held-out dialogues instead (evaluate's inputs, into "
+            "evaluate.teacher_cache): what `evaluate` measures teacher fidelity on.",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the teacher over dialogues and write Parquet shards with its reasoning, reply, top-k
@@ -151,6 +164,11 @@ def teacher_cache(
     if format_:
         extra.append(f"teacher_cache.format={format_}")
     cfg = _config(config, pipeline, set_, extra)
+    if held_out:
+        try:
+            cfg = held_out_cache_config(cfg)
+        except PipelineError as e:
+            _fail(e)
     summary = _run_stage("teacher-cache", cfg, verbose)
     _print_summary("teacher-cache summary", summary)
 

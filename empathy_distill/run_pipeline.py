@@ -6,7 +6,9 @@
 Each stage is skipped when its output is complete, so a rerun (or a run after a crash) does only
 what is missing:
 - teacher-cache always runs its main: it is idempotent and starts no engine when every example is
-  cached ("skipped" in the table when it made no new shard);
+  cached ("skipped" in the table when it made no new shard); with `evaluate.teacher_cache` set,
+  it then caches the held-out dialogues there too (`held_out_cache_config`), for evaluate's
+  teacher-fidelity figures;
 - distill, once for the pipeline's method and once per `run.baselines` method (into
   `<distill.output>-<method>`), is skipped when `stage2_distill.distill.is_done` says a rerun would
   train nothing; otherwise it resumes from its checkpoint;
@@ -33,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from empathy_distill.shared.config import STAGES, PipelineConfig
+from empathy_distill.shared.config import STAGES, PipelineConfig, held_out_cache_config
 from empathy_distill.shared.files import atomic_write_text
 
 
@@ -104,6 +106,12 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
                 details[stage] = teacher_cache.main(cfg)
                 made = details[stage]["new_shards"]
                 record(stage, f"ran ({made} new shards)" if made else "skipped (all cached)", t0)
+                if cfg.evaluate.teacher_cache is not None:
+                    current, t0 = "teacher-cache held-out", time.time()
+                    details[current] = teacher_cache.main(held_out_cache_config(cfg))
+                    made = details[current]["new_shards"]
+                    status = f"ran ({made} new shards)" if made else "skipped (all cached)"
+                    record(current, status, t0)
             elif stage == "distill":
                 for method, job in distill_jobs(cfg):
                     current, t0 = f"distill {method}", time.time()

@@ -43,7 +43,8 @@ def pipeline(tmp_path, tiny_student, monkeypatch):
     calls: list[tuple[str, object]] = []
 
     def fake_teacher_cache(cfg):
-        calls.append(("teacher-cache", None))
+        held_out = cfg.teacher_cache.output != cache
+        calls.append(("teacher-cache", cfg.teacher_cache if held_out else None))
         return {"new_shards": 0}
 
     real_distill = distill.main
@@ -111,6 +112,20 @@ def test_run_skips_complete_stages(tmp_path, tiny_student, pipeline):
     summary = run("evaluate.limit=3")
     assert [c[0] for c in calls] == ["teacher-cache", "distill", "distill", "evaluate"]
     assert statuses(summary)["distill pride"] == "ran"
+
+
+def test_run_caches_the_held_out_dialogues_for_evaluate(tmp_path, pipeline):
+    from empathy_distill import run_pipeline
+
+    path, cache, calls = pipeline
+    held = tmp_path / "held"
+    sets = [f"evaluate.teacher_cache={held}", "evaluate.inputs=[data/demo/test.csv]"]
+    summary = run_pipeline.main(load_config(path, "t", [*sets, "run.stages=[teacher-cache]"]))
+    assert [c[0] for c in calls] == ["teacher-cache", "teacher-cache"]
+    tc = calls[1][1]  # the teacher over evaluate's inputs, into evaluate.teacher_cache
+    assert tc.output == held and [p.name for p in tc.inputs] == ["test.csv"]
+    assert tc.mode == "answer" and not tc.features
+    assert statuses(summary) == {"teacher-cache": "skipped", "teacher-cache held-out": "skipped"}
 
 
 def test_run_stops_at_a_failing_stage_and_says_where(tmp_path, pipeline, monkeypatch):

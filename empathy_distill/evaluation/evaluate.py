@@ -47,6 +47,7 @@ from empathy_distill.shared.models import (
     tokenizer_fingerprint,
 )
 from empathy_distill.shared.readers import ED_EMOTIONS, Example, Reject, read_examples
+from empathy_distill.shared.schema import MANIFEST
 from empathy_distill.stage1_teacher import quality
 
 # ----------------------------------------------------------------------------- setup
@@ -233,6 +234,11 @@ def held_out_cache(cfg: PipelineConfig, tokenizers: dict) -> tuple[str, list[dic
     folder = cfg.evaluate.teacher_cache
     if folder is None:
         return None
+    if not (folder / MANIFEST).is_file():
+        raise PipelineError(
+            f"evaluate.teacher_cache: no teacher cache at {folder}; make it with `pipeline "
+            f"teacher-cache --held-out --pipeline {cfg.name}` (`pipeline run` does), or unset it"
+        )
     manifest, rows = fidelity.read_cache(folder)
     if not rows:
         raise PipelineError(f"{folder}: the teacher cache holds no reply to compare with")
