@@ -66,6 +66,20 @@ def test_output_made_with_other_settings_is_refused(tmp_path, embedded_teacher):
     assert not (out / "config_history").exists()
 
 
+def test_held_out_cache_needs_its_folder_and_evaluate_needs_the_cache(tmp_path):
+    unset = run("teacher-cache", "--held-out", "--set", "evaluate.teacher_cache=null")
+    assert_one_line_error(unset, "evaluate.teacher_cache is not set")
+    missing = tmp_path / "held"
+    result = run(
+        "evaluate",
+        "--set",
+        f"evaluate.teacher_cache={missing}",
+        "--set",
+        f"evaluate.output={tmp_path / 'eval'}",
+    )
+    assert_one_line_error(result, "no teacher cache at", "teacher-cache --held-out")
+
+
 def test_inspect_refuses_a_folder_that_is_not_a_cache(tmp_path):
     assert_one_line_error(run("inspect", str(tmp_path)), "not a teacher cache")
 
