@@ -228,9 +228,9 @@ def run_model(cfg, llm, tokenizer, examples: list[Example], name: str) -> dict[s
     }
 
 
-def held_out_cache(cfg: PipelineConfig, tokenizers: dict) -> tuple[str, list[dict]] | None:
-    """(tokenizer fingerprint, rows) of `evaluate.teacher_cache`, checked before any engine
-    starts: the cache as stage two checks one, and every model's tokenizer against it."""
+def held_out_cache(cfg: PipelineConfig, tokenizers: dict) -> list[dict] | None:
+    """The rows of `evaluate.teacher_cache`, checked before any engine starts: the cache as
+    stage two checks one, and every model's tokenizer against it."""
     folder = cfg.evaluate.teacher_cache
     if folder is None:
         return None
@@ -249,13 +249,13 @@ def held_out_cache(cfg: PipelineConfig, tokenizers: dict) -> tuple[str, list[dic
                 f"model {name}: its tokenizer differs from {folder}'s, so its distribution "
                 "cannot be compared with the cached top-k; leave evaluate.teacher_cache unset"
             )
-    return fingerprint, rows
+    return rows
 
 
-def teacher_fidelity(run, encoder, with_teacher: list[int], teacher_vectors, on: bool):
+def teacher_fidelity(run, encoder, with_teacher: list[int], teacher_vectors):
     """The model's closeness to the teacher on the held-out cache (`fidelity.FIGURES`), and
     BERTScore-F1 of its own replies against the teacher's; None without a held-out cache."""
-    if not on:
+    if "fidelity" not in run:
         return None
     vectors = encoder.embed([run["replies"][i] for i in with_teacher])
     return {
@@ -401,7 +401,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         if held_out is not None:
             t0 = time.time()
             runs[name]["fidelity"] = fidelity.fidelity(
-                folders[name], held_out[1], cfg.distill.max_seq_len
+                folders[name], held_out, cfg.distill.max_seq_len
             )
             console.say(
                 f"evaluate: {name} against the teacher's held-out replies "
@@ -438,7 +438,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     # the teacher's held-out replies, as a second reference (the dialogues the cache holds)
     teacher_replies = {}
     if held_out is not None:
-        teacher_replies = {r["example_id"]: r["teacher_response"] for r in held_out[1]}
+        teacher_replies = {r["example_id"]: r["teacher_response"] for r in held_out}
     with_teacher = [i for i, ex in enumerate(examples) if ex.example_id in teacher_replies]
     teacher_vectors = encoder.embed([teacher_replies[examples[i].example_id] for i in with_teacher])
     results = {}
@@ -448,9 +448,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             "folder": str(folders[name]),
             **score(examples, run, encoder, ref_vectors, cfg.teacher_cache.quality, labels),
             "judge_vs_baseline": judge.win_rates(verdicts[name]) if name in verdicts else None,
-            "teacher_fidelity": teacher_fidelity(
-                run, encoder, with_teacher, teacher_vectors, held_out is not None
-            ),
+            "teacher_fidelity": teacher_fidelity(run, encoder, with_teacher, teacher_vectors),
             "parameters": run["parameters"],
             "weights_mib": run["weights_mib"],
             "generated_tokens": run["generated_tokens"],

@@ -492,12 +492,13 @@ def held_out_cache_config(cfg: PipelineConfig) -> PipelineConfig:
     """The teacher cache of the held-out dialogues that `evaluate.teacher_cache` names: the
     pipeline's teacher over `evaluate`'s inputs (its format, split and limit), in the answer
     mode, without features (the fidelity figures read the top-k only). Never trained on."""
-    if cfg.evaluate.teacher_cache is None:
+    folder = cfg.evaluate.teacher_cache
+    if folder is None:
         raise PipelineError(
             "evaluate.teacher_cache is not set: name the folder for the held-out teacher cache"
         )
     job = cfg.model_copy(deep=True)
     tc, ev = job.teacher_cache, cfg.evaluate
     tc.inputs, tc.format, tc.split, tc.limit = list(ev.inputs), ev.format, ev.split, ev.limit
-    tc.output, tc.mode, tc.features = ev.teacher_cache, "answer", False
+    tc.output, tc.mode, tc.features = folder, "answer", False
     return job
