@@ -247,17 +247,14 @@ def check_prefix(
     one may still go on: "I'm so sorry. I'm so sorry" may end "... to hear that.")."""
     stops = {c for c in EARLY if q.policy(c) in ("retry", "reject")}
     whole = _PARTIAL_WORD.sub("", text or "")
-    found = [
-        problem
-        for problem in check_reply(
-            whole,
-            q,
-            privileged=privileged,
-            dialogue=dialogue,
-            speaker=speaker,
-            only=stops & {"refusal", "echo", "leak"},
-        )
-    ]
+    found = check_reply(
+        whole,
+        q,
+        privileged=privileged,
+        dialogue=dialogue,
+        speaker=speaker,
+        only=stops & {"refusal", "echo", "leak"},
+    )
     if "repetition" in stops:
         found += _repetition(
             _upto_last(_SENTENCE_SPLIT, text), _upto_last(_CLAUSE_SPLIT, text), whole, q
