@@ -11,9 +11,15 @@ evaluated side by side: the evidence table (mean and spread over seeds) and its 
 2. distill: each method (every one but sft-dpo, which needs an improve-mode cache) for `--steps`
    optimizer steps, with the pipeline's batch, learning rate and schedule, once per seed, into
    `<out>/<method>-s<seed>`. A finished run is skipped, an interrupted one resumes.
-3. evaluate: the teacher, the undistilled student and every run on the first `--limit` held-out
+3. Xie et al.'s two steps (`--two-step`, default the `xie-two-step` pipeline; `none` skips them):
+   an improve-mode cache per improvement strategy (`--strategies`, default `plain` and `all`:
+   the paper's claim is the targeted prompt's gain over "improve this reply"), `sft-dpo` on each
+   (`--steps` SFT steps on the improved replies, then DPO for the pipeline's dpo/sft share of
+   that), and its own baseline: `sft` on the same pipeline's settings for the same total steps.
+   Rows `sft-dpo-<strategy>` and `two-step-sft`.
+4. evaluate: the teacher, the undistilled student and every run on the first `--limit` held-out
    dialogues, in one `pipeline evaluate` (`<out>/evaluate`: its report, replies, charts).
-4. `<out>/table.md`, `table.json`, `ablation.png`: per method, the mean over seeds and the spread
+5. `<out>/table.md`, `table.json`, `ablation.png`: per method, the mean over seeds and the spread
    (half the range) of each figure.
 
 It runs in one process, as `pipeline run` does; each stage is the project's own main.
@@ -119,6 +125,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--limit", type=int, default=24, help="held-out dialogues evaluated")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--two-step",
+        default="xie-two-step",
+        help="the improve-mode pipeline for sft-dpo; none: skip",
+    )
+    parser.add_argument("--strategies", nargs="+", default=["plain", "all"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
@@ -143,21 +155,43 @@ def main() -> None:
 
     runs: dict[str, list[str]] = {"teacher": ["teacher"], "student": ["student"]}
     models = ["teacher", "student"]
+
+    def train(row: str, job, method: str, steps: int) -> None:
+        """`method` for `steps` optimizer steps, once per seed: the runs of table row `row`."""
+        for seed in args.seeds:
+            run = job.model_copy(deep=True)
+            name = f"{row}-s{seed}"
+            run.distill.method, run.distill.seed = method, seed
+            run.distill.max_steps = steps
+            run.distill.checkpoint_every = steps  # one checkpoint, at the end
+            run.distill.output = out / name
+            if not distill.is_done(run):
+                console.say(f"distill {name}: {steps} steps")
+                distill.main(run)
+            runs.setdefault(row, []).append(name)
+            models.append(f"{name}={run.distill.output / 'final'}")
+
     t0 = time.time()
     for method in args.methods:
-        for seed in args.seeds:
-            job = cfg.model_copy(deep=True)
-            name = f"{method}-s{seed}"
-            job.distill.method, job.distill.seed = method, seed
-            job.distill.max_steps = args.steps
-            job.distill.checkpoint_every = args.steps  # one checkpoint, at the end
-            job.distill.output = out / name
-            if not distill.is_done(job):
-                console.say(f"distill {name}: {args.steps} steps")
-                distill.main(job)
-            runs.setdefault(method, []).append(name)
-            models.append(f"{name}={job.distill.output / 'final'}")
+        train(method, cfg, method, args.steps)
     seconds["distill"] = round(time.time() - t0, 1)
+
+    if args.two_step != "none":
+        t0 = time.time()
+        xie = load_config(args.config, args.two_step, args.overrides)
+        # the pair's second step for the pipeline's share of the first (60 + 40: 20 -> 13)
+        dpo = max(1, round(args.steps * xie.distill.dpo_steps / max(xie.distill.sft_steps, 1)))
+        for strategy in args.strategies:
+            job = xie.model_copy(deep=True)
+            job.teacher_cache.improve.strategy = strategy
+            job.teacher_cache.output = job.distill.shards = out / f"two-step-{strategy}" / "cache"
+            pairs = teacher_cache.main(job)
+            console.say(f"improve cache ({strategy}): {pairs['rows']} preference pairs")
+            job.distill.sft_steps, job.distill.dpo_steps = args.steps, dpo
+            train(f"sft-dpo-{strategy}", job, "sft-dpo", args.steps + dpo)
+        # its own baseline: sft (human references) with the pipeline's settings, the same steps
+        train("two-step-sft", job, "sft", args.steps + dpo)
+        seconds["two-step"] = round(time.time() - t0, 1)
 
     t0 = time.time()
     ev = cfg.model_copy(deep=True)
@@ -170,7 +204,15 @@ def main() -> None:
     table = aggregate(metrics["models"], runs)
     note = (
         f"{args.pipeline}: {cache['rows']} cached training rows; {args.steps} optimizer steps per "
-        f"run (micro-batch {cfg.distill.micro_batch_size}, lr {cfg.distill.lr}); seeds "
+        f"run (micro-batch {cfg.distill.micro_batch_size}, lr {cfg.distill.lr})"
+        + (
+            f"; {args.two_step}: sft-dpo {args.steps} SFT + {dpo} DPO steps per strategy, "
+            f"two-step-sft {args.steps + dpo} steps (micro-batch "
+            f"{xie.distill.micro_batch_size}, lr {xie.distill.lr})"
+            if args.two_step != "none"
+            else ""
+        )
+        + f"; seeds "
         f"{', '.join(map(str, args.seeds))}: mean ± half the range over seeds. Evaluated on "
         f"{metrics['examples']} held-out dialogues; teacher fidelity over {held['rows']} held-out "
         f"teacher replies. Seconds: {json.dumps(seconds)}."

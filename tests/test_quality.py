@@ -144,6 +144,9 @@ def test_retries_sample_with_a_seed_per_example_and_attempt():
     assert first.temperature == cfg.teacher.temperature and first.seed == cfg.teacher.engine["seed"]
     retry = generation_params(cfg, 1, "ex1")
     assert retry.temperature == cfg.teacher_cache.quality.retry_temperature
+    # a top-k, not a nucleus: vLLM's CPU sampler sorts the whole batch's vocabulary for a top-p
+    assert (retry.top_k, retry.top_p) == (cfg.teacher_cache.quality.retry_top_k, 1.0)
+    assert first.top_k in (0, -1)
     assert retry.seed == generation_params(cfg, 1, "ex1").seed  # a rerun: the same sample
     assert retry.seed != generation_params(cfg, 2, "ex1").seed
     assert retry.seed != generation_params(cfg, 1, "ex2").seed

@@ -104,7 +104,13 @@ class QualityConfig(Strict):
     # seed, example_id, a), so a rerun gives the same reply.
     retries: int = Field(3, ge=0)
     retry_temperature: float = Field(0.7, gt=0.0)
-    retry_top_p: float = Field(0.9, gt=0.0, le=1.0)
+    # A retry keeps the top_k most likely tokens (0: all), not a top-p nucleus: vLLM's CPU
+    # sampler sorts every row's whole vocabulary in the batch for a step as soon as one request
+    # in it has top_p < 1 (268 ms a step at 64 rows x 49k tokens here, a quarter of the engine's
+    # time in a profiled gate run), while a top-k takes a partial top-k (10 ms). A top-p stays
+    # available for a GPU, where the sort is cheap.
+    retry_top_k: int = Field(40, ge=0)
+    retry_top_p: float = Field(1.0, gt=0.0, le=1.0)
 
     def policy(self, check: str) -> str:
         return getattr(self, check)

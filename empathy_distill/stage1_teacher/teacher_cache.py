@@ -542,21 +542,22 @@ def generation_params(
     plain-vLLM baseline included, so both sides of its ratio do the same work).
 
     Attempt 0 uses `teacher.temperature`/`top_p`; a retry (attempt a > 0, only for a reply the
-    quality gate sent back) samples at `quality.retry_temperature`/`retry_top_p` with a seed
-    derived from the engine seed, the example id and a: the same example gets the same reply on a
-    rerun, and every retry a different one. `teacher.sampling` (penalties, ...) applies to all,
+    quality gate sent back) samples at `quality.retry_temperature`/`retry_top_k`/`retry_top_p`
+    with a seed derived from the engine seed, the example id and a: the same example gets the
+    same reply on a rerun, and every retry a different one. `teacher.sampling` (penalties, ...) applies to all,
     `teacher.reply_sampling` over it where the output is a reply (`reply`; not the analysis)."""
     from vllm import SamplingParams
 
     seed = cfg.teacher.engine.get("seed")
-    temperature, top_p = cfg.teacher.temperature, cfg.teacher.top_p
+    temperature, top_k, top_p = cfg.teacher.temperature, 0, cfg.teacher.top_p
     if attempt:
         q = cfg.teacher_cache.quality
-        temperature, top_p = q.retry_temperature, q.retry_top_p
+        temperature, top_k, top_p = q.retry_temperature, q.retry_top_k, q.retry_top_p
         key = f"{seed}:{example_id}:{attempt}".encode()
         seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
     settings = {
         "temperature": temperature,
+        "top_k": top_k,
         "top_p": top_p,
         "max_tokens": cfg.teacher.max_new_tokens,
         "stop": prompts.STOP,
