@@ -9,7 +9,8 @@ prompt + quality gate) against the same teacher's plain chat answer, on the same
 Plain: `pipeline evaluate`'s student prompt (the dialogue as chat turns) through the teacher,
 greedy, the same token limit and stop, every reply kept. Both sides are scored on BERTScore-F1
 against the dataset's reference (local MiniLM) and Distinct-2; the plain replies also go through
-the gate's checks, for the rates beside the cache's. Prints a Markdown table and one JSON line.
+the gate's checks, for the rates beside the cache's. The difference on the same examples comes
+with a paired bootstrap's 95% interval. Prints a Markdown table and one JSON line.
 """
 
 from __future__ import annotations
@@ -58,13 +59,20 @@ def plain_replies(cfg, examples) -> tuple[list[str], list[str]]:
     return [o.outputs[0].text.strip() for o in outs], [o.outputs[0].finish_reason for o in outs]
 
 
-def scores(replies: list[str], references: list[str], encoder) -> dict[str, float]:
+def bertscores(replies: list[str], references: list[str], encoder) -> list[float]:
+    """Each reply's BERTScore-F1 against its reference (pairs without a reference left out)."""
     from empathy_distill.evaluation import metrics
 
     pairs = [(r, ref) for r, ref in zip(replies, references, strict=True) if ref]
     vectors = encoder.embed([r for r, _ in pairs] + [ref for _, ref in pairs])
     n = len(pairs)
-    bert = [metrics.bertscore_f1(vectors[i], vectors[n + i]) for i in range(n)]
+    return [metrics.bertscore_f1(vectors[i], vectors[n + i]) for i in range(n)]
+
+
+def scores(replies: list[str], references: list[str], encoder) -> dict[str, float]:
+    from empathy_distill.evaluation import metrics
+
+    bert = bertscores(replies, references, encoder)
     tokens = [metrics.tokenize(r) for r in replies]
     same = sum(c - 1 for c in Counter(r.lower().strip() for r in replies).values() if c > 1)
     return {
@@ -73,6 +81,21 @@ def scores(replies: list[str], references: list[str], encoder) -> dict[str, floa
         "identical_share": round(same / len(replies), 4) if replies else 0.0,
         "mean_words": round(sum(map(len, tokens)) / max(len(tokens), 1), 1),
     }
+
+
+def paired(ours: list[str], theirs: list[str], references: list[str], encoder) -> dict:
+    """Ours minus theirs on the same examples, with a paired bootstrap's 95% interval: whether
+    "no worse" is a difference the sample can see (`metrics.paired_bootstrap`)."""
+    from empathy_distill.evaluation import metrics
+
+    kept = [i for i, ref in enumerate(references) if ref]
+    refs = [references[i] for i in kept]
+    a = bertscores([ours[i] for i in kept], refs, encoder)
+    b = bertscores([theirs[i] for i in kept], refs, encoder)
+    out = {"bertscore_f1": metrics.paired_bootstrap(a, b, lambda v: metrics.mean(v) or 0.0)}
+    a_tok, b_tok = [metrics.tokenize(r) for r in ours], [metrics.tokenize(r) for r in theirs]
+    out["distinct_2"] = metrics.paired_bootstrap(a_tok, b_tok, lambda t: metrics.distinct(t, 2))
+    return {k: [round(x, 4) for x in v] for k, v in out.items()}
 
 
 def main() -> None:
@@ -166,6 +189,13 @@ def main() -> None:
             [plain_by_id[i] for i in both], [refs[i] for i in both], encoder
         ),
         "plain_all": scores(plain, [refs[ex.example_id] for ex in cached], encoder),
+        # [difference, 2.5%, 97.5%]: the reasoning side minus the plain side, same examples
+        "reasoning_minus_plain": paired(
+            [by_id[i]["teacher_response"] for i in both],
+            [plain_by_id[i] for i in both],
+            [refs[i] for i in both],
+            encoder,
+        ),
     }
     if args.save:
         with args.save.open("w", encoding="utf-8") as f:
@@ -189,6 +219,8 @@ def main() -> None:
     for key in result["reasoning"]:
         values = [result[s][key] for s in ("reasoning", "plain_same_examples", "plain_all")]
         print(f"| {key.replace('_', ' ')} | " + " | ".join(map(str, values)) + " |")
+    for key, (diff, lo, hi) in result["reasoning_minus_plain"].items():
+        print(f"reasoning - plain, {key}: {diff:+.4f} (95% paired bootstrap {lo:+.4f}..{hi:+.4f})")
     print(json.dumps(result))
 
 

@@ -224,6 +224,20 @@ def test_gate_shares_count_what_the_teacher_gate_would_reject():
     assert gate_shares(examples, clean, ["stop"] * 5, QualityConfig()) == {"passed": 1.0}
 
 
+def test_paired_bootstrap_difference_and_interval():
+    from empathy_distill.evaluation.metrics import mean, paired_bootstrap
+
+    a = [0.1 * i for i in range(30)]
+    assert paired_bootstrap(a, a, mean) == (0.0, 0.0, 0.0)  # one system against itself
+    diff, lo, hi = paired_bootstrap([x + 0.5 for x in a], a, mean)  # a constant shift: paired,
+    assert abs(diff - 0.5) < 1e-9 and abs(lo - 0.5) < 1e-9 and abs(hi - 0.5) < 1e-9  # no spread
+    noisy = [x + (0.3 if i % 2 else -0.3) for i, x in enumerate(a)]  # no shift, only noise
+    diff, lo, hi = paired_bootstrap(noisy, a, mean)
+    assert lo < 0 < hi and lo < diff < hi
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, a[:-1], mean)
+
+
 def test_macro_f1_by_hand():
     from empathy_distill.evaluation.metrics import macro_f1
 

@@ -5,6 +5,7 @@
     distinct(list_of_token_lists, n)                 distinct n-grams / all n-grams, corpus level
     bertscore_f1(candidate_vectors, reference_vectors)   greedy matching of token embeddings
     macro_f1(gold, predicted)                        per-label F1, averaged over the labels seen
+    paired_bootstrap(a, b, statistic)                two systems' difference and its 95% interval
 
 Text is lower-cased and split into words and punctuation marks (`tokenize`) for BLEU, ROUGE-L,
 Distinct and reply length, so every model is measured with the same ruler whatever its tokenizer.
@@ -20,8 +21,10 @@ other, not with published BERTScore figures.
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from empathy_distill.shared.errors import PipelineError
@@ -115,6 +118,25 @@ def macro_f1(gold: list[str], predicted: list[str]) -> float | None:
     tp = Counter(g for g, p in zip(gold, predicted, strict=True) if g == p)
     f1 = [2 * tp[x] / (gold.count(x) + predicted.count(x)) for x in labels]
     return sum(f1) / len(f1)
+
+
+def paired_bootstrap(
+    a: list, b: list, statistic: Callable[[list], float], samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """statistic(a) - statistic(b) for two systems' outputs on the same examples (a[i] and b[i]
+    from example i), and its 95% percentile interval over `samples` resamplings of the examples,
+    both systems resampled together (paired: the examples' own spread cancels). An interval
+    that holds 0 says the sample cannot tell the two apart."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_bootstrap needs two equally long, non-empty lists")
+    rng = random.Random(seed)
+    n, diffs = len(a), []
+    for _ in range(samples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(statistic([a[i] for i in idx]) - statistic([b[i] for i in idx]))
+    diffs.sort()
+    lo, hi = diffs[int(0.025 * samples)], diffs[min(int(0.975 * samples), samples - 1)]
+    return statistic(a) - statistic(b), lo, hi
 
 
 # --- the local encoder ----------------------------------------------------------------------

@@ -544,8 +544,9 @@ def generation_params(
     Attempt 0 uses `teacher.temperature`/`top_p`; a retry (attempt a > 0, only for a reply the
     quality gate sent back) samples at `quality.retry_temperature`/`retry_top_k`/`retry_top_p`
     with a seed derived from the engine seed, the example id and a: the same example gets the
-    same reply on a rerun, and every retry a different one. `teacher.sampling` (penalties, ...) applies to all,
-    `teacher.reply_sampling` over it where the output is a reply (`reply`; not the analysis)."""
+    same reply on a rerun, and every retry a different one. `teacher.sampling` (penalties, ...)
+    applies to all, `teacher.reply_sampling` over it where the output is a reply (`reply`; not
+    the analysis)."""
     from vllm import SamplingParams
 
     seed = cfg.teacher.engine.get("seed")
