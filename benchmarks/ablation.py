@@ -22,7 +22,11 @@ evaluated side by side: the evidence table (mean and spread over seeds) and its 
 5. `<out>/table.md`, `table.json`, `ablation.png`: per method, the mean over seeds and the spread
    (half the range) of each figure.
 
-It runs in one process, as `pipeline run` does; each stage is the project's own main.
+Each stage is the project's own main. Every training run is its own child process: after
+`distill.main` returns, its student and optimizer state stay referenced (a chain of tuples up to
+DeepSpeed's ZeRO optimizer; gc.collect() and malloc_trim free nothing), about 0.8 GB of the
+demo's per run, so 22 runs in one process grew to 12 GB and were killed for memory on a 24 GB
+machine.
 """
 
 from __future__ import annotations
@@ -48,6 +52,34 @@ FIGURES = (
     ("emotion_macro_f1", "emotion macro-F1", True),
     ("judge_vs_baseline.debiased_win_rate", "judge: debiased win vs student", True),
 )
+
+
+def _distill(job) -> None:
+    """A child process's work: one training run; a PipelineError is one line and exit code 1."""
+    import sys
+
+    from empathy_distill.shared.errors import PipelineError
+    from empathy_distill.stage2_distill import distill
+
+    try:
+        distill.main(job)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def distill_apart(job) -> None:
+    """`distill.main(job)` in a fresh (spawned) process, so its memory goes back when it ends."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_distill, args=(job,))
+    child.start()
+    child.join()
+    if child.exitcode:
+        raise SystemExit(
+            f"distill into {job.distill.output} failed (exit code {child.exitcode}): see above; "
+            "rerun the same command to resume"
+        )
 
 
 def figure(entry: dict, key: str) -> float | None:
@@ -167,7 +199,7 @@ def main() -> None:
             run.distill.output = out / name
             if not distill.is_done(run):
                 console.say(f"distill {name}: {steps} steps")
-                distill.main(run)
+                distill_apart(run)
             runs.setdefault(row, []).append(name)
             models.append(f"{name}={run.distill.output / 'final'}")
 
