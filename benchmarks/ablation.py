@@ -221,7 +221,8 @@ def main() -> None:
             console.say(f"improve cache ({strategy}): {pairs['rows']} preference pairs")
             job.distill.sft_steps, job.distill.dpo_steps = args.steps, dpo
             train(f"sft-dpo-{strategy}", job, "sft-dpo", args.steps + dpo)
-        # its own baseline: sft (human references) with the pipeline's settings, the same steps
+        # its own baseline: sft with the pipeline's settings for the same steps, on the human
+        # replies of the last cache's rows (every strategy's cache holds the same examples)
         train("two-step-sft", job, "sft", args.steps + dpo)
         seconds["two-step"] = round(time.time() - t0, 1)
 

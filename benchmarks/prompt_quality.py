@@ -69,10 +69,10 @@ def bertscores(replies: list[str], references: list[str], encoder) -> list[float
     return [metrics.bertscore_f1(vectors[i], vectors[n + i]) for i in range(n)]
 
 
-def scores(replies: list[str], references: list[str], encoder) -> dict[str, float]:
+def scores(replies: list[str], bert: list[float]) -> dict[str, float]:
+    """The table's figures for one side: `bert` is its `bertscores`."""
     from empathy_distill.evaluation import metrics
 
-    bert = bertscores(replies, references, encoder)
     tokens = [metrics.tokenize(r) for r in replies]
     same = sum(c - 1 for c in Counter(r.lower().strip() for r in replies).values() if c > 1)
     return {
@@ -83,18 +83,21 @@ def scores(replies: list[str], references: list[str], encoder) -> dict[str, floa
     }
 
 
-def paired(ours: list[str], theirs: list[str], references: list[str], encoder) -> dict:
+def paired(ours: list[str], theirs: list[str], bert_ours: list[float], bert_theirs: list[float]):
     """Ours minus theirs on the same examples, with a paired bootstrap's 95% interval: whether
     "no worse" is a difference the sample can see (`metrics.paired_bootstrap`)."""
     from empathy_distill.evaluation import metrics
 
-    kept = [i for i, ref in enumerate(references) if ref]
-    refs = [references[i] for i in kept]
-    a = bertscores([ours[i] for i in kept], refs, encoder)
-    b = bertscores([theirs[i] for i in kept], refs, encoder)
-    out = {"bertscore_f1": metrics.paired_bootstrap(a, b, lambda v: metrics.mean(v) or 0.0)}
-    a_tok, b_tok = [metrics.tokenize(r) for r in ours], [metrics.tokenize(r) for r in theirs]
-    out["distinct_2"] = metrics.paired_bootstrap(a_tok, b_tok, lambda t: metrics.distinct(t, 2))
+    out = {
+        "bertscore_f1": metrics.paired_bootstrap(
+            bert_ours, bert_theirs, lambda v: metrics.mean(v) or 0.0
+        ),
+        "distinct_2": metrics.paired_bootstrap(
+            [metrics.tokenize(r) for r in ours],
+            [metrics.tokenize(r) for r in theirs],
+            lambda t: metrics.distinct(t, 2),
+        ),
+    }
     return {k: [round(x, 4) for x in v] for k, v in out.items()}
 
 
@@ -167,6 +170,11 @@ def main() -> None:
     both = [ex.example_id for ex in cached if ex.example_id in by_id]
     plain_by_id = dict(zip([ex.example_id for ex in cached], plain, strict=True))
     n = len(cached)
+    reasoning = [by_id[i]["teacher_response"] for i in both]
+    plain_same = [plain_by_id[i] for i in both]
+    # both sides against the same references (examples without one left out of both)
+    bert_reasoning = bertscores(reasoning, [refs[i] for i in both], encoder)
+    bert_plain = bertscores(plain_same, [refs[i] for i in both], encoder)
     result = {
         "examples": n,
         "reasoning_accepted": len(rows),
@@ -182,20 +190,13 @@ def main() -> None:
         ),
         "plain_would_pass_gate": len(plain_ok),
         "plain_failures": dict(plain_fail),
-        "reasoning": scores(
-            [by_id[i]["teacher_response"] for i in both], [refs[i] for i in both], encoder
+        "reasoning": scores(reasoning, bert_reasoning),
+        "plain_same_examples": scores(plain_same, bert_plain),
+        "plain_all": scores(
+            plain, bertscores(plain, [refs[ex.example_id] for ex in cached], encoder)
         ),
-        "plain_same_examples": scores(
-            [plain_by_id[i] for i in both], [refs[i] for i in both], encoder
-        ),
-        "plain_all": scores(plain, [refs[ex.example_id] for ex in cached], encoder),
         # [difference, 2.5%, 97.5%]: the reasoning side minus the plain side, same examples
-        "reasoning_minus_plain": paired(
-            [by_id[i]["teacher_response"] for i in both],
-            [plain_by_id[i] for i in both],
-            [refs[i] for i in both],
-            encoder,
-        ),
+        "reasoning_minus_plain": paired(reasoning, plain_same, bert_reasoning, bert_plain),
     }
     if args.save:
         with args.save.open("w", encoding="utf-8") as f:
