@@ -35,10 +35,15 @@ import argparse
 import json
 import statistics
 import time
+import typing
 from pathlib import Path
+
+from empathy_distill.shared.config import ImproveConfig
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "seqkd", "kd", "pride", "pride-no-pi", "pride-no-mmd", "pride-no-rkl")
+# the improve mode's strategies, as the config spells them
+STRATEGIES = typing.get_args(ImproveConfig.model_fields["strategy"].annotation)
 # (key in metrics.json's model entry, label, higher is better)
 FIGURES = (
     ("teacher_fidelity.kl_teacher_student", "KL(teacher‖model)", False),
@@ -162,7 +167,7 @@ def main() -> None:
         default="xie-two-step",
         help="the improve-mode pipeline for sft-dpo; none: skip",
     )
-    parser.add_argument("--strategies", nargs="+", default=["plain", "all"])
+    parser.add_argument("--strategies", nargs="+", default=["plain", "all"], choices=STRATEGIES)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
@@ -174,6 +179,10 @@ def main() -> None:
 
     out = Path(args.out or REPO / "runs" / f"{args.pipeline}-ablation").resolve()
     cfg = load_config(args.config, args.pipeline, args.overrides)
+    # read before any work: a mistyped --two-step fails now, not after the methods' training
+    xie = (
+        load_config(args.config, args.two_step, args.overrides) if args.two_step != "none" else None
+    )
     cfg.evaluate.limit = args.limit
     # the pipeline's held-out cache when it names one (`pipeline run` made it), else our own
     cfg.evaluate.teacher_cache = cfg.evaluate.teacher_cache or out / "held_out_cache"
@@ -208,9 +217,8 @@ def main() -> None:
         train(method, cfg, method, args.steps)
     seconds["distill"] = round(time.time() - t0, 1)
 
-    if args.two_step != "none":
+    if xie is not None:
         t0 = time.time()
-        xie = load_config(args.config, args.two_step, args.overrides)
         # the pair's second step for the pipeline's share of the first (60 + 40: 20 -> 13)
         dpo = max(1, round(args.steps * xie.distill.dpo_steps / max(xie.distill.sft_steps, 1)))
         for strategy in args.strategies:
@@ -242,7 +250,7 @@ def main() -> None:
             f"; {args.two_step}: sft-dpo {args.steps} SFT + {dpo} DPO steps per strategy, "
             f"two-step-sft {args.steps + dpo} steps (micro-batch "
             f"{xie.distill.micro_batch_size}, lr {xie.distill.lr})"
-            if args.two_step != "none"
+            if xie is not None
             else ""
         )
         + f"; seeds "
@@ -259,4 +267,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from empathy_distill.shared.errors import PipelineError
+
+    try:
+        main()
+    except PipelineError as e:  # bad config, unreadable input, mismatched cache: one line
+        raise SystemExit(f"error: {e}") from None
