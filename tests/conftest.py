@@ -40,9 +40,10 @@ def tiny_llama(
     head_dim: int | None = None,
     max_len: int = 1024,
     pad: bool = False,
+    seed: int = 0,
 ) -> Path:
-    """A random 2-layer float32 Llama (seed 0) with a real SmolLM2 tokenizer, saved to `folder`:
-    the model every tiny fixture is."""
+    """A random 2-layer float32 Llama (seed 0 unless told) with a real SmolLM2 tokenizer, saved
+    to `folder`: the model every tiny fixture is."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -62,7 +63,7 @@ def tiny_llama(
         pad_token_id=tok.pad_token_id if pad else None,
         **extra,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

