@@ -68,3 +68,26 @@ def test_models_are_checked_never_built_or_overwritten(tmp_path, embedded_models
     assert models.build_model(teacher) is False and models.build_model(student) is False
     with pytest.raises(models.PipelineError, match="not an embedded model"):
         models.build_model(tmp_path / "other")
+
+
+def test_engine_key_is_the_architecture_not_the_weights(tmp_path, embedded_teacher):
+    """Two seeds of one architecture share an engine (`evaluate.reuse_engine`); another width,
+    other stop tokens in the generation config, or another vocabulary do not."""
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
+
+    def tiny(name: str, **kw):
+        folder = tiny_llama(tmp_path / name, embedded_teacher, num_attention_heads=2, **kw)
+        return models.engine_key(folder, AutoTokenizer.from_pretrained(folder))
+
+    a = tiny("a", hidden_size=64)
+    assert tiny("b", hidden_size=64, seed=1) == a
+    assert tiny("wider", hidden_size=128) != a
+    stops = tmp_path / "stops"
+    tiny_llama(stops, embedded_teacher, num_attention_heads=2, hidden_size=64)
+    config = json.loads((stops / "generation_config.json").read_text())
+    (stops / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [0, 2]}))
+    assert models.engine_key(stops, AutoTokenizer.from_pretrained(stops)) != a
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    tok.add_tokens(["<extra-token>"])
+    assert models.engine_key(tmp_path / "a", tok) != a
