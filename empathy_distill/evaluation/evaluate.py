@@ -187,7 +187,8 @@ class Engines:
         self.folder: Path | None = None  # whose weights the engine holds
 
     def serve(self, folder: Path, key: str):
-        """An engine holding `folder`'s weights, and whether it was there already (swapped)."""
+        """An engine holding `folder`'s weights, and whether it is the engine that was running
+        (its weights swapped in, or already `folder`'s) rather than a new one."""
         folder = folder.resolve()
         if self.llm is not None and self.folder == folder:
             return self.llm, True
