@@ -1,7 +1,7 @@
 """Every distillation method on one cleaned teacher cache, with the same budget and several seeds,
 evaluated side by side: the evidence table (mean and spread over seeds) and its chart.
 
-    .venv/bin/python benchmarks/ablation.py                                # demo, CPU budget
+    .venv/bin/python benchmarks/ablation.py     # demo: 20 steps, 2 seeds, 16 dialogues (36 min)
     .venv/bin/python benchmarks/ablation.py --steps 40 --seeds 0 1 2 --limit 62
     .venv/bin/python benchmarks/ablation.py --pipeline ed-text --steps 2000 --limit 500   # GPUs
 
@@ -18,7 +18,8 @@ evaluated side by side: the evidence table (mean and spread over seeds) and its 
    that), and its own baseline: `sft` on the same pipeline's settings for the same total steps.
    Rows `sft-dpo-<strategy>` and `two-step-sft`.
 4. evaluate: the teacher, the undistilled student and every run on the first `--limit` held-out
-   dialogues, in one `pipeline evaluate` (`<out>/evaluate`: its report, replies, charts).
+   dialogues, in one `pipeline evaluate` (`<out>/evaluate`: its report, replies, charts); the
+   students share one engine, each run's weights swapped in (`evaluate.reuse_engine`).
 5. `<out>/table.md`, `table.json`, `ablation.png`: per method, the mean over seeds and the spread
    (half the range) of each figure.
 
@@ -158,9 +159,10 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "pipelines.yaml"))
     parser.add_argument("--pipeline", default="demo")
     parser.add_argument("--out", default=None, help="default: runs/<pipeline>-ablation")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    # 20 steps and 16 dialogues: the whole table (22 runs) in 36 minutes on the 2-core CPU
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--limit", type=int, default=24, help="held-out dialogues evaluated")
+    parser.add_argument("--limit", type=int, default=16, help="held-out dialogues evaluated")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
         "--two-step",
