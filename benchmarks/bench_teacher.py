@@ -8,12 +8,14 @@ here are noisy, so the figure is a ratio of two runs made side by side).
 Baseline: a fresh vllm.LLM over the same teacher, generating both turns of the same prompts (the
 analysis, then the reply turn that holds it) with the same token limits and stop strings, no
 log-probabilities, no features, no gate, nothing written; wall time from engine start to the
-engine's stop (`teacher-cache` pays both too). Measured: `teacher-cache` into a fresh folder (top-k log-probabilities, the hidden states
-kept and pooled into features, the quality gate and its retries, Parquet shards, manifest), same
-wall-time definition, with every gate check off (what the cache itself costs); then
-`teacher-cache` with the gate. `--repeat N` alternates the first two N times and takes the ratio
-of the fastest of each side: this machine's noise moves single runs by 10-20%, and only ever
-adds time. The gated run is made once, after them, and compared with the fastest of each.
+engine's stop. Measured: `teacher-cache` into a fresh folder with every gate check off (top-k
+log-probabilities, the hidden states kept and pooled into features, Parquet shards, manifest:
+what the cache itself costs), its own wall time (the whole job, engine start and stop
+included); then `teacher-cache` with the gate and its retries. Every run is a new process that
+imports vLLM and the project before its clock starts, as a user's job is one process.
+`--repeat N` alternates the first two N times and takes the ratio of the fastest of each side:
+this machine's noise moves single runs by 10-20%, and only ever adds time. The gated run is made
+once, after them, and compared with the fastest of each.
 """
 
 from __future__ import annotations
@@ -28,11 +30,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def plain_generation(cfg, tok, batch: list) -> tuple[float, int]:
-    """Seconds and reply tokens of both turns, generated plainly (the cache's sampling)."""
+def prepare() -> None:
+    """What a run's child imports before its clock starts (both sides alike): vLLM, torch,
+    transformers and the project. A user's job pays these once; here every run is a new process
+    (each side would otherwise find what earlier runs left behind)."""
+    import vllm  # noqa: F401
+
+    from empathy_distill.stage1_teacher import teacher_cache  # noqa: F401
+
+
+def plain_generation(config: str, pipeline: str, overrides: list[str]) -> tuple[float, int, int]:
+    """Seconds and reply tokens of both turns, generated plainly (the cache's sampling), and
+    the number of examples."""
+    prepare()
     from empathy_distill.shared import prompts
-    from empathy_distill.shared.models import start_vllm, stop_vllm
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.shared.models import load_tokenizer, start_vllm, stop_vllm
+    from empathy_distill.stage1_teacher import teacher_cache
     from empathy_distill.stage1_teacher.teacher_cache import Teacher, generation_params
+
+    cfg = load_config(config, pipeline, overrides)
+    tok = load_tokenizer(cfg.teacher.model)
+    examples, _ = teacher_cache.read_inputs(cfg)
+    limit = cfg.teacher_cache.limit
+    batch = [
+        (e, tok(prompts.teacher_prompt(tok, e.dialogue, e.privileged), add_special_tokens=False))
+        for e in (examples[:limit] if limit else examples)
+    ]
+    batch = [(e, enc["input_ids"]) for e, enc in batch]
 
     t0 = time.time()
     llm = start_vllm(cfg.teacher.model, cfg.teacher.engine)
@@ -50,7 +75,25 @@ def plain_generation(cfg, tok, batch: list) -> tuple[float, int]:
     # shutdown takes ~5 s here: its engine core outlives the grace period and is killed).
     stop_vllm(llm)
     seconds = time.time() - t0
-    return seconds, sum(len(o.outputs[0].token_ids) for o in outs)
+    return seconds, sum(len(o.outputs[0].token_ids) for o in outs), len(batch)
+
+
+def cache_run(config: str, pipeline: str, overrides: list[str]) -> dict:
+    """`teacher-cache` (its own wall time: the whole job, engine start and stop included)."""
+    prepare()
+    from empathy_distill.shared.config import load_config
+    from empathy_distill.stage1_teacher import teacher_cache
+
+    return teacher_cache.main(load_config(config, pipeline, overrides))
+
+
+def apart(fn, *args):
+    """`fn(*args)` in a new process (spawned: nothing inherited), its result back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def main() -> None:
@@ -67,60 +110,40 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from empathy_distill.shared import prompts
     from empathy_distill.shared.config import load_config
-    from empathy_distill.shared.models import check_model, load_tokenizer
-    from empathy_distill.stage1_teacher import quality, teacher_cache
+    from empathy_distill.shared.models import check_model
+    from empathy_distill.stage1_teacher import quality
 
+    overrides = [*args.overrides] + ([f"teacher_cache.limit={args.limit}"] if args.limit else [])
+    cfg = load_config(args.config, args.pipeline, overrides)
+    check_model(cfg.teacher.model)
+    # The same without the gate: what the cache itself costs, and what the gate adds.
+    gate_off = [f"teacher_cache.quality.{c}=off" for c in quality.CHECKS]
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [*args.overrides] + (
-            [f"teacher_cache.limit={args.limit}"] if args.limit else []
-        )
-        cfg = load_config(
-            args.config, args.pipeline, [*overrides, f"teacher_cache.output={tmp}/cache"]
-        )
-        # The same without the gate: what its checks and retries cost.
-        gate_off = [f"teacher_cache.quality.{c}=off" for c in quality.CHECKS]
-
-        def no_gate(i: int):
-            out = f"teacher_cache.output={tmp}/ng{i}"
-            return load_config(args.config, args.pipeline, [*overrides, out, *gate_off])
-
-        check_model(cfg.teacher.model)
-        tok = load_tokenizer(cfg.teacher.model)
-        examples, _ = teacher_cache.read_inputs(cfg)
-        examples = examples[: args.limit] if args.limit else examples
-        batch = [
-            (
-                e,
-                tok(
-                    prompts.teacher_prompt(tok, e.dialogue, e.privileged), add_special_tokens=False
-                )["input_ids"],
-            )
-            for e in examples
-        ]
         # Plain generation and the cache without the gate, alternated `--repeat` times: this
         # machine's noise slows single runs by 10-20%, so the ratio is taken of the fastest run
         # of each side (noise only ever adds time), with the medians' ratio beside it.
         plain, ungated = [], []
         for i in range(args.repeat):
-            base_s, base_tokens = plain_generation(cfg, tok, batch)
-            plain.append(base_s)
-            summary_ng = teacher_cache.main(no_gate(i))
+            base_s, base_tokens, n = apart(plain_generation, args.config, args.pipeline, overrides)
+            plain.append(round(base_s, 1))
+            out = f"teacher_cache.output={tmp}/ng{i}"
+            summary_ng = apart(cache_run, args.config, args.pipeline, [*overrides, out, *gate_off])
             ungated.append(summary_ng["wall_seconds"])
             print(
                 f"pair {i + 1}: plain {base_s:.1f} s, cache without the gate "
                 f"{summary_ng['wall_seconds']:.1f} s",
                 flush=True,
             )
-        summary = teacher_cache.main(cfg)
+        out = f"teacher_cache.output={tmp}/cache"
+        summary = apart(cache_run, args.config, args.pipeline, [*overrides, out])
 
     base_s = min(plain)
     cache_s = summary["wall_seconds"]
     result = {
-        "examples": len(batch),
+        "examples": n,
         "top_k": cfg.teacher_cache.top_k,
-        "plain_vllm_seconds": [round(x, 1) for x in plain],
+        "plain_vllm_seconds": plain,
         "plain_vllm_generated_tokens": base_tokens,
         "teacher_cache_without_gate_seconds": ungated,
         "ratio_without_gate": round(min(ungated) / base_s, 3),  # fastest over fastest
