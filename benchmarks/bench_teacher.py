@@ -57,7 +57,7 @@ def plain_generation(config: str, pipeline: str, overrides: list[str]) -> tuple[
         (e, tok(prompts.teacher_prompt(tok, e.dialogue, e.privileged), add_special_tokens=False))
         for e in (examples[:limit] if limit else examples)
     ]
-    batch = [(e, enc["input_ids"]) for e, enc in batch]
+    batch = [(e, encoded["input_ids"]) for e, encoded in batch]
 
     t0 = time.time()
     llm = start_vllm(cfg.teacher.model, cfg.teacher.engine)
@@ -109,6 +109,8 @@ def main() -> None:
         help="plain generation and the cache without the gate, alternated N times",
     )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     from empathy_distill.shared.config import load_config
     from empathy_distill.shared.models import check_model

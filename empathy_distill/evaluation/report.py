@@ -83,7 +83,7 @@ def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) 
                     fmt(r["tokens_per_second"], 1),
                     fmt(r["peak_engine_rss_mib"], 0),
                     fmt(r["engine_startup_seconds"], 1)
-                    + (" (weights swapped in)" if r.get("engine_reused") else ""),
+                    + (" (running engine)" if r.get("engine_reused") else ""),
                 ]
                 for name, r in models.items()
             ],
@@ -94,8 +94,8 @@ def write_report(out: Path, m: dict[str, Any], examples, runs, n_examples: int) 
         "generation; it includes the KV-cache pages the engine touched "
         "(`kv_cache_memory_bytes`: the same budget for every model) and the runtime, not just "
         "the weights; pages shared between the processes count once per process. Engine start: "
-        "a new engine's start, or, for a model of the running engine's architecture, the load "
-        "of its weights into that engine (`evaluate.reuse_engine`).",
+        "a new engine's start, or, marked (running engine), for a model of the running engine's "
+        "architecture, the load of its weights into that engine (`evaluate.reuse_engine`).",
         "## Charts",
         "\n".join(f"![{p.stem}]({p.name})" for p in charts),
         "## Example replies",
