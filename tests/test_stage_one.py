@@ -52,7 +52,11 @@ class FakeLLM:
             ids.append(f"{self.asked}-abcd1234")
             self.queue.append([str(self.asked), request, p, 0])
             states = self.llm_engine.output_processor.request_states
-            states[ids[-1]] = SimpleNamespace(output_kind=RequestOutputKind.FINAL_ONLY)
+            # vLLM's: the top-k entries' text comes from the logprobs processor's tokenizer
+            topk = SimpleNamespace(tokenizer=self.tok) if p.logprobs else None
+            states[ids[-1]] = SimpleNamespace(
+                output_kind=RequestOutputKind.FINAL_ONLY, logprobs_processor=topk
+            )
         self.most_in_flight = max(self.most_in_flight, len(self.queue))
         return ids
 
@@ -187,6 +191,7 @@ def test_stage_one_main_on_a_fake_engine(tmp_path, tiny_teacher, fake_engine):
                 "output": str(out),
                 "top_k": K,
                 "shard_size": 3,
+                "in_flight": 4,  # more than a shard: the shards overlap
                 "quality": {"retries": 2},
             },
         }
@@ -223,7 +228,11 @@ def test_stage_one_main_on_a_fake_engine(tmp_path, tiny_teacher, fake_engine):
         stored, given = np.asarray(r["teacher_features"]), np.asarray(given)
         assert stored @ given / np.linalg.norm(stored) >= 0.999
     assert len({r["teacher_response"] for r in rows}) == 6  # the generic check saw no copies
-    assert llm.most_in_flight == 3  # a shard's worth of examples at a time, kept full
+    assert llm.most_in_flight == 4  # `in_flight` examples at a time, kept full
+    # no top-k entry was decoded to text: the cache keeps ids
+    states = llm.llm_engine.output_processor.request_states.values()
+    topk = [s.logprobs_processor for s in states if s.logprobs_processor is not None]
+    assert topk and all(p.tokenizer is None for p in topk)
 
     # the same command again: nothing to do, no engine
     again = teacher_cache.main(cfg)

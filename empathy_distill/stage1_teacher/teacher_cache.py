@@ -361,10 +361,11 @@ def start_engine(
 
     if current_platform.is_cpu() and cfg.teacher_cache.quality.retries:
         # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded
-        # request (a retry) has its prefill split over two steps. A token budget per step that
-        # holds a whole shard's prompts keeps every prefill in one piece.
-        max_len = engine["max_model_len"]
-        engine.setdefault("max_num_batched_tokens", max_len * cfg.teacher_cache.shard_size)
+        # request (a retry) has its prefill split over two steps. Without chunked prefill no
+        # prompt is split: one that does not fit a step's token budget waits for the next step
+        # (the budget must then hold the longest prompt).
+        engine.setdefault("enable_chunked_prefill", False)
+        engine.setdefault("max_num_batched_tokens", max(engine["max_model_len"], 4096))
     if cfg.teacher_cache.features:
         engine["worker_extension_cls"] = f"{__name__}.ReplyFeatures"
         # The capture wraps the V1 model runner's forward (the CPU build's only runner; on GPUs
@@ -627,12 +628,20 @@ class EngineLoop:
             done(end.value)
             return
         [request_id] = self.llm.enqueue([prompt], [params], use_tqdm=False)
+        # The request's state in the engine's output processor decides what comes back.
+        state = self.llm.llm_engine.output_processor.request_states[request_id]
+        if state.logprobs_processor is not None:
+            # The cache keeps the top-k's ids, never their text: without a tokenizer vLLM leaves
+            # each entry's `decoded_token` None instead of decoding it (k + 1 tokenizer calls a
+            # reply token in this process, ~13 s of a core over the demo's 14,505 at k = 20,
+            # taken from the engine's own scheduler). The reply's text and stop strings have a
+            # detokenizer of their own.
+            state.logprobs_processor.tokenizer = None
         if watch:
             from vllm.sampling_params import RequestOutputKind
 
-            # enqueue asks for the final output only; the request's state in the engine's output
-            # processor decides, step by step, what comes back (the whole output so far here)
-            state = self.llm.llm_engine.output_processor.request_states[request_id]
+            # enqueue asks for the final output only; a watched request's whole output so far
+            # comes back after every step
             state.output_kind = RequestOutputKind.CUMULATIVE
         # enqueue answers the engine's internal id ("<LLM's counter>-<8 random characters>");
         # outputs (and abort_request) name the request by the counter alone
@@ -687,7 +696,7 @@ class UnitWork:
 class Teacher:
     """The teacher's side of stage one on one engine: every example's exchange (the analysis
     turn, then the reply turn with its top-k and kept hidden states; the improve mode's turns)
-    through the quality gate and its retries, as many examples at a time as one shard holds.
+    through the quality gate and its retries, `in_flight` examples at a time.
 
     With a vision-language teacher (`processor`) each example's frames go with its prompt ids as
     vLLM multimodal data; `vocab` is the text vocabulary size, and media tokens beyond it are
@@ -716,14 +725,17 @@ class Teacher:
         retried acceptances and rejects per check; `seconds` adds up where the time went;
         `progress()` is called as each example ends.
 
-        At most `shard_size` examples are in flight (a unit's worth; within vLLM's max_num_seqs),
-        the next unit's examples filling in as the earlier ones finish."""
+        `teacher_cache.in_flight` examples are generating at once (as many as the engine
+        schedules, by default), taken in the units' order: the next unit's examples fill in as
+        the earlier ones finish, so several units may be in flight."""
         loop = EngineLoop(self.llm)
         works = [UnitWork(unit, len(unit.batch)) for unit in units]
         todo = deque((work, i) for work in works for i in range(work.left))
         finished: deque[UnitWork] = deque()
         scheduler = self.llm.llm_engine.vllm_config.scheduler_config
-        room = min(self.cfg.teacher_cache.shard_size, scheduler.max_num_seqs)
+        room = min(
+            self.cfg.teacher_cache.in_flight or scheduler.max_num_seqs, scheduler.max_num_seqs
+        )
 
         def ended(work: UnitWork, i: int, result) -> None:
             if isinstance(result, Reject):
@@ -1153,8 +1165,9 @@ def build_cache(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         accepted = accepted_replies(out, manifest, tc.quality)
         # the local engine reports each example as it ends, Ray workers each unit
         per_example = tc.backend == "local"
+        teacher = (tokenizer, processor, settings)
         for result in run_units(
-            cfg, out, units, settings, accepted, engine_args, (lambda: bar.update(1))
+            cfg, out, units, teacher, accepted, engine_args, (lambda: bar.update(1))
         ):
             generated += result.generated
             outcomes += result.outcomes

@@ -216,18 +216,21 @@ def run_units(
     cfg: PipelineConfig,
     out: Path,
     units: list[Unit],
-    settings: dict,
+    teacher: tuple,
     accepted: Counter,
     engine_args: dict,
     progress: Callable[[], None] | None = None,
 ) -> Iterator[UnitResult]:
     """Every unit's result, in the order the units finish, on the configured backend.
-    `progress()` is called as each example ends on the local backend (a unit's examples finish
-    over a long stretch while later units' run beside them); Ray workers report whole units."""
+    `teacher`: the driver's (tokenizer, processor, cache settings). `progress()` is called as
+    each example ends on the local backend (a unit's examples finish over a long stretch while
+    later units' run beside them); Ray workers report whole units."""
     if cfg.teacher_cache.backend == "ray":
-        yield from run_on_ray(cfg, out, units, settings, accepted, engine_args)
+        yield from run_on_ray(cfg, out, units, teacher[2], accepted, engine_args)
         return
     worker = CacheWorker(cfg, str(out), "local", accepted, **engine_args)
+    # the driver's own tokenizer and settings: the same folder, loaded and hashed once already
+    worker.tokenizer, worker.processor, worker._settings = teacher
     try:
         yield from worker.answer(units, progress=progress)
     finally:
