@@ -18,9 +18,10 @@ re-scoring one needs its `media` too (the same frames: the manifest records the 
 
 Work unit = one shard of `shard_size` examples, answered by a worker (`stage1_teacher/workers.py`:
 one engine in this process, or many on a Ray cluster); this driver alone writes the manifest. A
-worker keeps a shard's worth of examples in its engine at once (`Teacher`, `EngineLoop`): each
-example moves from its analysis turn to its reply turn, or to a retry, the moment its own request
-ends, and the next shard's examples fill the places the finished ones leave. A rerun reads the
+worker keeps as many examples in its engine at once as it schedules (`teacher_cache.in_flight`;
+`Teacher`, `EngineLoop`): each example moves from its analysis turn to its reply turn, or to a
+retry, the moment its own request ends, and the next examples fill the places the finished ones
+leave; a shard is written the moment its last example ends. A rerun reads the
 inputs again, skips every example_id already in a finished shard, and starts no engine when
 nothing is left to do.
 """
