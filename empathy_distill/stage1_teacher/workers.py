@@ -85,12 +85,18 @@ class CacheWorker:
         max_len: int,
         extra_logprobs: int = 0,
         max_images: int = 0,
+        teacher: tuple[Any, Any, dict[str, Any]] | None = None,
     ):
+        """`teacher`: (tokenizer, processor, cache settings) the caller already has for this
+        teacher folder (the local backend: the job's own), instead of loading and hashing
+        them again."""
         self.cfg, self.out, self.writer = cfg, Path(out), writer
         self.accepted = Counter(accepted)
         self.max_len, self.extra_logprobs, self.max_images = max_len, extra_logprobs, max_images
         self.llm = None
         self._settings: dict[str, Any] | None = None
+        if teacher is not None:
+            self.tokenizer, self.processor, self._settings = teacher
         # A writer deletes only its own leftovers: another writer's file may be in flight.
         for tmp in self.out.glob(f".*.{writer}.tmp"):
             tmp.unlink(missing_ok=True)
@@ -216,7 +222,7 @@ def run_units(
     cfg: PipelineConfig,
     out: Path,
     units: list[Unit],
-    teacher: tuple,
+    teacher: tuple[Any, Any, dict[str, Any]],
     accepted: Counter,
     engine_args: dict,
     progress: Callable[[], None] | None = None,
@@ -228,9 +234,7 @@ def run_units(
     if cfg.teacher_cache.backend == "ray":
         yield from run_on_ray(cfg, out, units, teacher[2], accepted, engine_args)
         return
-    worker = CacheWorker(cfg, str(out), "local", accepted, **engine_args)
-    # the driver's own tokenizer and settings: the same folder, loaded and hashed once already
-    worker.tokenizer, worker.processor, worker._settings = teacher
+    worker = CacheWorker(cfg, str(out), "local", accepted, **engine_args, teacher=teacher)
     try:
         yield from worker.answer(units, progress=progress)
     finally:
